@@ -1,0 +1,22 @@
+"""Prepare stage: rows (embedded world or user data) -> GX validation -> data/prepared/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from opd import __version__
+from opd.config import load
+from opd.paths import Layout
+from tasks.prepare import load_records, validate, write_prepared
+
+
+@flow(name="prepare", version=__version__)
+def prepare_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    params = load(params_path, overrides)
+    records = load_records(params)
+    validation = validate(records, params)
+    stats = write_prepared(records, validation, params, Layout.here().prepared)
+    print(f"prepare: {validation['summary']}; {stats}")
+    return stats

@@ -1,0 +1,3 @@
+"""The engine: plain Python + PyTorch + transformers; no orchestration or tracking imports."""
+
+__version__ = "0.1.0"

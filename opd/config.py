@@ -1,0 +1,234 @@
+"""params.yaml -> typed, validated settings. The only loader of settings in the project.
+
+Every section is a pydantic model with ``extra="forbid"`` so a typo in params.yaml fails at start
+instead of silently running with a default. Errors are re-raised as :class:`ConfigError` whose
+message names the dotted key (``distill.lr``) and says what is wrong with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+TASKS = ("reasoning", "safety", "borderline", "general")
+CATEGORIES = ("violence", "illegal", "hate", "privacy", "self_harm", "none")
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml: the message names the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class WorldConfig(_Section):
+    """Sizes of the embedded default world (ignored when ``data.source`` is not ``embedded``)."""
+
+    n_reasoning: int = Field(3000, ge=10)
+    n_safety: int = Field(800, ge=10)
+    n_borderline: int = Field(800, ge=10)
+    n_general: int = Field(800, ge=10)
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    max_operand: int = Field(9, ge=2, le=99)
+    max_steps: int = Field(3, ge=1, le=4)
+    vocab_size: int = Field(320, ge=280, le=4096)
+
+
+class DataConfig(_Section):
+    """Where prompts come from: the embedded world, or the user's own JSONL / datasets files."""
+
+    source: Literal["embedded", "jsonl", "datasets"] = "embedded"
+    # jsonl: one file with a `split` column, or a folder with train.jsonl / eval.jsonl.
+    # datasets: a folder written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
+    path: str | None = None
+    tokenizer_path: str | None = None  # a tokenizer folder to use instead of training one
+    min_prompt_chars: int = Field(1, ge=1)
+    max_prompt_chars: int = Field(400, ge=8)
+    max_reference_chars: int = Field(800, ge=8)
+
+    @model_validator(mode="after")
+    def _path_for_user_data(self) -> DataConfig:
+        if self.source != "embedded" and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.min_prompt_chars > self.max_prompt_chars:
+            raise ValueError("data.min_prompt_chars must not exceed data.max_prompt_chars")
+        return self
+
+
+class ArchConfig(_Section):
+    """A Llama-style model built from scratch (only used when no ``path`` is given)."""
+
+    hidden_size: int = Field(96, ge=8)
+    num_layers: int = Field(3, ge=1)
+    intermediate_size: int = Field(288, ge=8)
+    num_heads: int = Field(4, ge=1)
+    max_positions: int = Field(160, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ArchConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class SFTConfig(_Section):
+    """Supervised training of a model from scratch on the prepared train split."""
+
+    steps: int = Field(400, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
+
+
+class ModelConfig(_Section):
+    """A teacher or the student: a local folder, or an architecture trained in the teacher stage."""
+
+    path: str | None = None
+    arch: ArchConfig = ArchConfig()
+    sft: SFTConfig = SFTConfig()
+
+
+class RolloutConfig(_Section):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    # What a response cut at max_new_tokens (no EOS) contributes: kept as is, or masked out.
+    truncated: Literal["keep", "mask"] = "keep"
+
+
+class DistillConfig(_Section):
+    method: Literal["opd", "gkd", "sft"] = "opd"
+    # opd: sampled-token reverse-KL advantage with a policy-gradient loss (ALGORITHMS.md section 0).
+    # gkd: full-vocabulary divergence below, with a lambda mix of on-policy and dataset batches.
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "jsd"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    lambda_on_policy: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)  # 0: full vocabulary; k > 0: teacher top-k with a tail bucket
+    chunk_size: int = Field(1024, ge=1)  # positions per LM-head chunk: memory ~ chunk x vocab
+    steps: int = Field(400, ge=1)
+    pg_loss: Literal["ppo", "plain"] = "ppo"
+    prompts_per_step: int = Field(64, ge=1)
+    samples_per_prompt: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
+    dual_clip: float = Field(3.0, gt=1.0)
+    kl_coef: float = Field(0.0, ge=0.0)  # KL(pi_S || pi_init), low-variance (k3) estimator
+    checkpoint_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
+    log_every: int = Field(5, ge=1)
+
+
+class EvaluateConfig(_Section):
+    max_new_tokens: int = Field(48, ge=1)
+    samples: int = Field(4, ge=1)  # k for pass@1 over k samples on reasoning
+    temperature: float = Field(1.0, gt=0.0)
+    limit_per_task: int = Field(0, ge=0)  # 0 = the whole eval split
+    batch_size: int = Field(128, ge=1)
+    refusal_detector: str = "opd.evaluate:pattern_refusal"
+    generations_logged: int = Field(24, ge=0)
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = Field(0, ge=0)  # torch.set_num_threads; 0 = all cores
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # not "no": YAML 1.1 reads it as false
+    trust_remote_code: bool = False
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    seed: int = Field(0, ge=0)
+    world: WorldConfig = WorldConfig()
+    data: DataConfig = DataConfig()
+    teacher: ModelConfig = ModelConfig()
+    student: ModelConfig = ModelConfig(
+        arch=ArchConfig(hidden_size=64, num_layers=2, intermediate_size=192, num_heads=4),
+        sft=SFTConfig(steps=250),
+    )
+    rollout: RolloutConfig = RolloutConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid settings"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see params.yaml for the known keys)"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a params mapping; raise ConfigError naming the key on any problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Load params.yaml (default: the project folder's), apply dotted-key overrides, validate."""
+    from opd.paths import Layout
+
+    path = Path(path) if path else Layout.here().params
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = raw or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return parse(raw, str(path))
+
+
+def to_flat_dict(params: Params) -> dict[str, Any]:
+    """Flatten to dotted keys (for trackers that want flat params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", params.model_dump())
+    return out

@@ -1,0 +1,176 @@
+"""Row schema, JSONL / `datasets` loading, atomic writes, and chat formatting.
+
+A row is one prompt of one task::
+
+    {"id": "reasoning-00001", "split": "train" | "eval", "task": "reasoning" | "safety" |
+     "borderline" | "general", "category": "violence" | "illegal" | "hate" | "privacy" |
+     "self_harm" | "none", "prompt": "...", "reference": "...", "teacher": "name" (optional)}
+
+``reference`` is the wanted response: a worked solution ending in ``Answer: N`` for reasoning, a
+refusal that explains and redirects for safety, a helpful answer for borderline and general.
+Only the parse errors a loader cannot survive are raised here (bad JSON, bad bytes, wrong types);
+the dataset-level rules (unique ids, allowed values, lengths) are a Great Expectations suite run
+by the prepare stage, so they are reported all at once with example ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("id", "split", "task", "category", "prompt", "reference", "teacher")
+REQUIRED = ("id", "split", "task", "category", "prompt")
+SPLITS = ("train", "eval")
+
+
+class DataError(ValueError):
+    """Input data that cannot be read; the message says which file and line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    split: str
+    task: str
+    category: str
+    prompt: str
+    reference: str | None = None
+    teacher: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+
+def rows_to_records(rows: Iterable[Row]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
+
+
+def check_record(rec: Any, where: str) -> dict[str, Any]:
+    """Type-check one raw record; missing columns stay missing for the GX suite to report."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    unknown = sorted(set(rec) - set(COLUMNS))
+    if unknown:
+        raise DataError(f"{where}: unknown column(s) {unknown}; allowed: {list(COLUMNS)}")
+    for col in COLUMNS:
+        val = rec.get(col)
+        if val is not None and not isinstance(val, str):
+            raise DataError(f"{where}: column {col!r} must be a string, got {type(val).__name__}")
+    return rec
+
+
+def records_to_rows(records: Iterable[dict[str, Any]]) -> list[Row]:
+    """Rows from records that passed validation (absent optional columns become None)."""
+    return [Row(**{f.name: rec.get(f.name) for f in fields(Row)}) for rec in records]
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file of records; invalid UTF-8 or JSON fails naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    raw = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{where}: not valid UTF-8 (byte {err.start}: {line[err.start:err.start + 4]!r})") from None
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+        records.append(check_record(rec, where))
+    return records
+
+
+def load_user_records(source: str, path: str) -> list[dict[str, Any]]:
+    """The user's own data: a JSONL file (with a split column), a folder of train/eval JSONL, or a
+    folder saved by ``datasets`` (a Dataset with a split column, or a DatasetDict train/eval)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data.path {p}: does not exist")
+    if source == "jsonl":
+        if p.is_file():
+            return read_jsonl(p)
+        records: list[dict[str, Any]] = []
+        for split in SPLITS:
+            f = p / f"{split}.jsonl"
+            if not f.is_file():
+                raise DataError(f"data.path {p}: expected {f.name} in the folder")
+            records += [{"split": split, **rec} for rec in read_jsonl(f)]
+        return records
+    import datasets  # local import: only this path needs it
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as err:  # datasets raises several types for a bad folder
+        raise DataError(f"data.path {p}: not a datasets folder ({err})") from None
+    parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    records = []
+    for split, part in parts:
+        for i, rec in enumerate(part):
+            rec = {k: v for k, v in rec.items() if v is not None}
+            if split is not None:
+                rec.setdefault("split", split)
+            records.append(check_record(rec, f"{p}[{split or 'all'}][{i}]"))
+    return records
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    On any exception the temp folder is removed and ``final`` is left as it was, so a failed
+    stage never leaves a half-written output (DVC keeps whatever a failing command wrote).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a temp file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Row]) -> None:
+    atomic_write_text(path, "".join(r.to_json() + "\n" for r in rows))
+
+
+def user_turn(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]

@@ -1,0 +1,34 @@
+"""The one place that sets the process environment for every entry point (flows, tasks, tests).
+
+Prefect, MLflow, DVC, GX and Hugging Face all phone home or write into ``~`` unless told not to;
+with these values a full run makes no non-loopback connection (../shared/STACK.md). Values already
+set by the user win (``setdefault``), so ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` still point
+at real servers when given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def apply() -> None:
+    defaults = {
+        "PREFECT_HOME": str(ROOT / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(ROOT / ".cache" / "huggingface"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,63 @@
+"""Prepare stage tasks: build or load the rows, validate them with GX, write data/prepared/."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from opd import __version__
+from opd.config import Params
+from opd.data import atomic_dir, atomic_write_text, load_user_records, records_to_rows, rows_to_records, write_jsonl
+from opd.world import build_world, train_tokenizer
+from opd.world.constitutions import DEFAULT_CONSTITUTIONS
+from tasks.validate import ValidationFailed, validate_records
+
+
+@task(name="load-records", version=__version__)
+def load_records(params: Params) -> list[dict[str, Any]]:
+    if params.data.source == "embedded":
+        return rows_to_records(build_world(params.world, params.seed))
+    return load_user_records(params.data.source, params.data.path or "")
+
+
+@task(name="validate-records", version=__version__)
+def validate(records: list[dict[str, Any]], params: Params) -> dict[str, Any]:
+    report = validate_records(records, params.data)
+    if not report.success:
+        raise ValidationFailed(report.summary)
+    return {"summary": report.summary, "result": report.result}
+
+
+@task(name="write-prepared", version=__version__)
+def write_prepared(records: list[dict[str, Any]], validation: dict[str, Any], params: Params, out: Path) -> dict[str, Any]:
+    """Train or copy the tokenizer, then write every output in one atomic folder swap."""
+    rows = records_to_rows(records)
+    train = [r for r in rows if r.split == "train"]
+    if params.data.tokenizer_path:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(params.data.tokenizer_path,
+                                            trust_remote_code=params.runtime.trust_remote_code)
+    else:
+        corpus = [t for r in train for t in (r.prompt, r.reference or "")] + list(DEFAULT_CONSTITUTIONS.values())
+        tok = train_tokenizer(corpus, params.world.vocab_size)
+    lengths = [len(tok(r.prompt + (r.reference or ""), add_special_tokens=False)["input_ids"]) + 4 for r in rows]
+    stats = {
+        "rows": len(rows),
+        "by_split_task": {f"{s}/{t}": n for (s, t), n in sorted(Counter((r.split, r.task) for r in rows).items())},
+        "vocab_size": len(tok),
+        "tokens_per_row_max": max(lengths),
+        "tokens_per_row_mean": round(sum(lengths) / len(lengths), 2),
+    }
+    with atomic_dir(out) as tmp:
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "eval.jsonl", [r for r in rows if r.split == "eval"])
+        tok.save_pretrained(tmp / "tokenizer")
+        atomic_write_text(tmp / "constitutions.json", json.dumps(DEFAULT_CONSTITUTIONS, indent=2) + "\n")
+        atomic_write_text(tmp / "validation.json", json.dumps(validation["result"], indent=2, default=str) + "\n")
+        atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2) + "\n")
+    return stats

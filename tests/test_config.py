@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opd.config import ConfigError, load, parse, to_flat_dict
+from tests.conftest import REPO, tiny
+
+
+def test_project_params_load():
+    p = load(REPO / "params.yaml")
+    assert p.distill.method == "opd"
+    assert p.teacher.arch.hidden_size > p.student.arch.hidden_size
+    assert "distill.lr" in to_flat_dict(p)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "words"),
+    [
+        ({"distill": {"lrr": 1.0}}, "distill.lrr", "unknown key"),
+        ({"bogus": 1}, "bogus", "unknown key"),
+        ({"distill": {"steps": "many"}}, "distill.steps", "integer"),
+        ({"distill": {"lr": -1.0}}, "distill.lr", "greater than 0"),
+        ({"world": {"eval_fraction": 0.9}}, "world.eval_fraction", "less than 0.5"),
+        ({"distill": {"method": "magic"}}, "distill.method", "opd"),
+        ({"teacher": {"arch": {"hidden_size": 30, "num_heads": 4}}}, "teacher.arch", "divisible"),
+        ({"data": {"source": "jsonl"}}, "data", "data.path is required"),
+    ],
+)
+def test_bad_values_name_the_key(raw, key, words):
+    with pytest.raises(ConfigError) as e:
+        parse(raw)
+    msg = str(e.value)
+    assert f"  {key}" in msg and words in msg, msg
+
+
+def test_overrides_are_validated(tmp_path: Path):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(tiny()))
+    assert load(f, {"distill.lr": 0.01}).distill.lr == 0.01
+    with pytest.raises(ConfigError, match="distill.lr"):
+        load(f, {"distill.lr": "fast"})
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)

@@ -1,0 +1,116 @@
+"""The prepare stage: GX validation of user data through the real Prefect flow, and DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.prepare import prepare_flow
+from tasks.validate import ValidationFailed
+from tests.conftest import REPO, tiny
+
+GOOD = {"id": "r1", "split": "train", "task": "reasoning", "category": "none",
+        "prompt": "Ana has 2 pens, gets 3. How many pens?", "reference": " 2+3=5. Answer: 5"}
+EVAL = {"id": "g1", "split": "eval", "task": "general", "category": "none",
+        "prompt": "Opposite of hot?", "reference": "The opposite of hot is cold."}
+
+
+def lines(*records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+CATALOGUE = {
+    "missing column": (lines(*({k: v for k, v in r.items() if k != "category"} for r in (GOOD, EVAL))),
+                       "expect_column_to_exist(column=category)"),
+    "null prompt": (lines({**GOOD, "prompt": None}, EVAL), "expect_column_values_to_not_be_null(column=prompt): 1 of 2 rows; ids e.g. ['r1']"),
+    "duplicate id": (lines(GOOD, {**EVAL, "id": "r1"}), "expect_column_values_to_be_unique(column=id): 2 of 2 rows"),
+    "unknown category": (lines({**GOOD, "category": "weapons"}, EVAL), "expect_column_values_to_be_in_set(column=category): 1 of 2 rows; ids e.g. ['r1']; values e.g. ['weapons']"),
+    "empty prompt": (lines({**GOOD, "prompt": ""}, EVAL), "expect_column_value_lengths_to_be_between(column=prompt): 1 of 2"),
+    "over-long prompt": (lines({**GOOD, "prompt": "x" * 401}, EVAL), "expect_column_value_lengths_to_be_between(column=prompt): 1 of 2"),
+    "bad split": (lines({**GOOD, "split": "test"}, EVAL), "expect_column_values_to_be_in_set(column=split): 1 of 2 rows"),
+    "reasoning without answer line": (lines({**GOOD, "reference": "five"}, EVAL), "column=reference_ok): 1 of 2 rows; ids e.g. ['r1']"),
+    "eval row without reference": (lines(GOOD, {k: v for k, v in EVAL.items() if k != "reference"}), "column=reference_ok): 1 of 2 rows; ids e.g. ['g1']"),
+    "invalid JSON line": (lines(GOOD) + b'{"id": "x", \n', "data.jsonl:2: invalid JSON"),
+    "non-UTF-8 bytes": (lines(GOOD) + b'{"id": "\xff\xfe"}\n', "data.jsonl:2: not valid UTF-8"),
+    "wrong type": (lines({**GOOD, "prompt": 7}, EVAL), "data.jsonl:1: column 'prompt' must be a string"),
+    "empty file": (b"", "expect_table_row_count_to_be_between: failed (observed 0)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CATALOGUE))
+def test_bad_user_data_is_rejected_and_nothing_written(prefect_api, project, case):
+    content, expected = CATALOGUE[case]
+    (project / "data.jsonl").write_bytes(content)
+    with pytest.raises(Exception) as e:
+        prepare_flow(overrides={"data.source": "jsonl", "data.path": str(project / "data.jsonl")})
+    assert expected in str(e.value), str(e.value)
+    assert not (project / "data").exists()  # no output, not even a temp folder
+
+
+def test_good_user_data_and_a_failed_rerun_keeps_the_old_output(prefect_api, project):
+    path = project / "data.jsonl"
+    path.write_bytes(lines(GOOD, EVAL))
+    ov = {"data.source": "jsonl", "data.path": str(path), "world.vocab_size": 300}
+    stats = prepare_flow(overrides=ov)
+    out = project / "data" / "prepared"
+    assert stats["rows"] == 2 and (out / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((out / "validation.json").read_text())["success"] is True
+    before = (out / "train.jsonl").read_bytes()
+    path.write_bytes(lines(GOOD, {**EVAL, "id": "r1"}))
+    with pytest.raises(ValidationFailed):
+        prepare_flow(overrides=ov)
+    assert (out / "train.jsonl").read_bytes() == before
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["prepared"]
+
+
+def test_datasets_folder_is_accepted(prefect_api, project):
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list([{k: v for k, v in GOOD.items() if k != "split"}]),
+                               "eval": datasets.Dataset.from_list([{k: v for k, v in EVAL.items() if k != "split"}])})
+    dd.save_to_disk(str(project / "ds"))
+    stats = prepare_flow(overrides={"data.source": "datasets", "data.path": str(project / "ds"), "world.vocab_size": 300})
+    assert stats["by_split_task"] == {"eval/general": 1, "train/reasoning": 1}
+
+
+def copy_repo(dst: Path) -> None:
+    """The project's tracked sources (not data, models or the venv), as a fresh clone would have them."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+
+
+def test_dvc_repro_prepare_in_a_copy(tmp_path):
+    copy_repo(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "PREFECT_HOME": str(REPO / ".prefect")}
+    env.pop("OPD_ROOT", None)
+
+    def sh(*cmd: str) -> str:
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{cmd}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout + r.stderr
+
+    sh("git", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
+    out = sh("dvc", "repro", "prepare")
+    assert "Running stage 'prepare'" in out
+    stats = json.loads((tmp_path / "data/prepared/stats.json").read_text())
+    assert stats["rows"] > 0
+    first = (tmp_path / "data/prepared/train.jsonl").read_bytes()
+    assert "didn't change" in sh("dvc", "repro", "prepare")
+    sh("dvc", "exp", "run", "-S", "seed=2", "prepare")
+    assert (tmp_path / "data/prepared/train.jsonl").read_bytes() != first
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["seed"] == 2

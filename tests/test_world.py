@@ -1,0 +1,74 @@
+import hashlib
+import random
+import re
+
+from opd.config import WorldConfig
+from opd.evaluate import check_answer, extract_answer
+from opd.models import load_tokenizer
+from opd.tokens import prompt_ids
+from opd.world import build_world, train_tokenizer
+from opd.world.constitutions import DEFAULT_CONSTITUTIONS, validate_constitutions
+
+CFG = WorldConfig(n_reasoning=400, n_safety=200, n_borderline=200, n_general=200)
+
+
+def digest(rows) -> str:
+    return hashlib.sha256("".join(r.to_json() for r in rows).encode()).hexdigest()
+
+
+def test_same_seed_same_bytes_different_seed_different(tmp_path):
+    a, b, c = build_world(CFG, 0), build_world(CFG, 0), build_world(CFG, 1)
+    assert digest(a) == digest(b) != digest(c)
+    texts = [r.prompt + (r.reference or "") for r in a]
+    for i, seed_rows in enumerate((a, b)):
+        train_tokenizer(texts, 300).save_pretrained(tmp_path / f"t{i}")
+    assert (tmp_path / "t0/tokenizer.json").read_bytes() == (tmp_path / "t1/tokenizer.json").read_bytes()
+
+
+def test_splits_disjoint_and_all_tasks_present():
+    rows = build_world(CFG, 0)
+    train = {r.prompt for r in rows if r.split == "train"}
+    evals = {r.prompt for r in rows if r.split == "eval"}
+    assert train and evals and not train & evals
+    # no eval prompt reappears in training under another politeness prefix either
+    strip = lambda p: re.sub(r"^(Please: |Quick question: |Hi! )", "", p)  # noqa: E731
+    assert not {strip(p) for p in train} & {strip(p) for p in evals}
+    assert {r.task for r in rows if r.split == "eval"} == {"reasoning", "safety", "borderline", "general"}
+    assert len({r.id for r in rows}) == len(rows)
+
+
+def test_every_solution_checks_and_wrong_answers_fail():
+    rows = [r for r in build_world(CFG, 3) if r.task == "reasoning"]
+    rng = random.Random(0)
+    for r in rows:
+        # the worked solution's arithmetic is right, step by step
+        for a, op, b, c in re.findall(r"(\d+)([+-])(\d+)=(-?\d+)\.", r.reference):
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c)
+        assert check_answer(r.reference, r.reference)
+        wrong = int(extract_answer(r.reference)) + rng.choice([-2, -1, 1, 2])
+        assert not check_answer(f" ... Answer: {wrong}", r.reference)
+    assert not check_answer("no answer here", rows[0].reference)
+
+
+def test_tokenizer_round_trips_and_chat_template(tmp_path):
+    rows = build_world(CFG, 0)
+    tok = train_tokenizer([r.prompt + (r.reference or "") for r in rows], 320)
+    tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    for r in rows:
+        for text in (r.prompt, r.reference):
+            assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    ids = prompt_ids(tok, rows[0].prompt)
+    assert tok.decode(ids) == f"<|user|>{rows[0].prompt}<|end|><|assistant|>"
+    assert tok.eos_token == "<|end|>" and tok.pad_token == "<|pad|>"
+
+
+def test_constitutions_need_the_query_slot():
+    validate_constitutions(DEFAULT_CONSTITUTIONS)
+    for bad in ({"default": "no slot"}, {"violence": "x {user_query}"}, {"default": "{user_query} {other}"}):
+        try:
+            validate_constitutions(bad)
+        except ValueError as err:
+            assert "constitutions" in str(err)
+        else:
+            raise AssertionError(f"accepted {bad}")

@@ -1,0 +1,16 @@
+"""Distill stage flow (a DVC stage runs it through `python -m flows distill`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from opd import __version__
+from opd.config import load
+from tasks.distill import distill_student
+
+
+@flow(name="distill", version=__version__)
+def distill_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return distill_student(load(params_path, overrides))

@@ -1,0 +1,16 @@
+"""Teacher stage flow (a DVC stage runs it through `python -m flows teacher`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from opd import __version__
+from opd.config import load
+from tasks.teacher import train_base_models
+
+
+@flow(name="teacher", version=__version__)
+def teacher_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return train_base_models(load(params_path, overrides))

@@ -1,0 +1,231 @@
+"""Distillation objectives: one optimisation step of OPD, GKD or SFT (ALGORITHMS.md section 0).
+
+Each ``*_step`` function builds the step function the training loop calls. A step draws prompts
+from a :class:`PromptPool` (with the global RNG, which the loop reseeds per step), samples from the
+current student when on-policy, scores the samples with the row's teacher on the teacher's own
+view of the prompt, and back-propagates a token-mean loss normalised by the global count of valid
+tokens over all micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
+
+from opd.config import DistillConfig, RolloutConfig
+from opd.data import Row
+from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
+from opd.rollout import Rollout, RolloutBackend, rollout
+from opd.scoring import Sequences, token_stats, vocab_divergence
+from opd.tokens import join, prompt_ids, response_ids
+
+DEFAULT_TEACHER = "default"
+
+
+@dataclass(frozen=True)
+class Example:
+    row: Row
+    student_prompt: list[int]
+    teacher_prompt: list[int]
+    reference: list[int] | None
+    teacher: str
+
+
+class PromptPool:
+    """Rows of the train split, tokenised once for the student's and the teacher's views.
+
+    ``teacher_text`` maps a row to the teacher's prompt text (the bare prompt by default; COPSD
+    wraps it in a constitution). ``route`` maps a row to a teacher name (multi-teacher).
+    """
+
+    def __init__(self, rows: Sequence[Row], student_tok: PreTrainedTokenizerBase,
+                 teacher_toks: dict[str, PreTrainedTokenizerBase] | None = None,
+                 teacher_text: Callable[[Row], str] = lambda r: r.prompt,
+                 route: Callable[[Row], str] = lambda r: DEFAULT_TEACHER):
+        if not rows:
+            raise ValueError("no training rows for distillation (check distill.tasks and the train split)")
+        teacher_toks = teacher_toks or {DEFAULT_TEACHER: student_tok}
+        self.examples = []
+        for r in rows:
+            name = route(r)
+            if name not in teacher_toks:
+                raise ValueError(f"row {r.id} names teacher {name!r}, but the configured teachers are {sorted(teacher_toks)}")
+            self.examples.append(Example(
+                row=r, student_prompt=prompt_ids(student_tok, r.prompt),
+                teacher_prompt=prompt_ids(teacher_toks[name], teacher_text(r)),
+                reference=response_ids(student_tok, r.reference) if r.reference else None, teacher=name))
+
+    def draw(self, k: int) -> list[Example]:
+        idx = torch.randint(len(self.examples), (k,)).tolist()
+        return [self.examples[i] for i in idx]
+
+
+def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Example], responses: Sequence[list[int]],
+                     pad_id: int, chunk: int = 1024, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropies) of ``responses`` under each sample's own teacher.
+
+    Samples are grouped by teacher, scored on the teacher's view of the prompt, and scattered back
+    into the student's ``[B, T-1]`` layout (responses are identical, so target positions align by
+    order within each row).
+    """
+    names = [e.teacher for e in examples]
+    seq = join([e.student_prompt for e in examples], responses, pad_id)
+    sel = seq["response_mask"][:, 1:].bool()
+    logp = torch.zeros(sel.shape)
+    ent = torch.zeros(sel.shape) if with_entropy else None
+    for name in sorted(set(names)):
+        rows = [i for i, n in enumerate(names) if n == name]
+        model = teachers[name]
+        device = next(model.parameters()).device
+        t = join([examples[i].teacher_prompt for i in rows], [responses[i] for i in rows], pad_id)
+        t_seq = Sequences(t["input_ids"], t["attention_mask"], t["response_mask"]).to(device)
+        with torch.no_grad():
+            lp, en = token_stats(model, t_seq, chunk=chunk, with_entropy=with_entropy)
+        t_sel = t_seq.response_mask[:, 1:].bool()
+        for j, i in enumerate(rows):
+            logp[i, sel[i]] = lp[j, t_sel[j]].float().cpu()
+            if ent is not None and en is not None:
+                ent[i, sel[i]] = en[j, t_sel[j]].float().cpu()
+    return logp, ent
+
+
+def global_count(acc: Accelerator, mask: torch.Tensor) -> torch.Tensor:
+    """Valid tokens per process, averaged so DDP's gradient mean gives a global token mean."""
+    total = acc.reduce(mask.sum().to(acc.device), reduction="sum")
+    return total / acc.num_processes
+
+
+def _micro(n: int, parts: int) -> list[slice]:
+    size = -(-n // parts)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@dataclass
+class Shaped:
+    """Advantages and the token mask after method-specific shaping (FiRe, COPSD)."""
+
+    adv: torch.Tensor
+    mask: torch.Tensor
+    metrics: dict[str, float]
+
+
+AdvantageFn = Callable[[Rollout, list[Example], torch.Tensor, torch.Tensor, torch.Tensor | None], Shaped]
+
+
+def reverse_kl_advantage(ro: Rollout, examples: list[Example], t_logp: torch.Tensor, mask: torch.Tensor,
+                         t_ent: torch.Tensor | None) -> Shaped:
+    """Vanilla OPD: ``A_t = log pi_T(y_t) - log pi_old(y_t)`` (the negative reverse-KL sample)."""
+    return Shaped((t_logp - ro.old_logprobs.cpu()) * mask, mask, {})
+
+
+def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
+             backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig,
+             ref_model: torch.nn.Module | None = None, shape: AdvantageFn = reverse_kl_advantage,
+             need_teacher_entropy: bool = False) -> Callable[[int], dict[str, float]]:
+    """Sampled-token OPD with a PPO-clip policy-gradient loss (+ optional KL to the initial student)."""
+
+    def step(i: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        examples = pool.draw(cfg.prompts_per_step)
+        ro = rollout(backend, model, [e.student_prompt for e in examples], cfg.samples_per_prompt, tok.pad_token_id,
+                     chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask")
+        per_sample = [e for e in examples for _ in range(cfg.samples_per_prompt)]
+        t_logp, t_ent = teacher_logprobs(teachers, per_sample, ro.responses, tok.pad_token_id, cfg.chunk_size,
+                                         with_entropy=need_teacher_entropy)
+        mask = ro.seq.targets_mask.cpu()
+        shaped = shape(ro, per_sample, t_logp, mask, t_ent)
+        adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
+        count = global_count(acc, loss_mask)
+        total = 0.0
+        for sl in _micro(len(ro.responses), cfg.grad_accum):
+            seq = ro.seq.select(sl)
+            logp, _ = token_stats(model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
+            tok_loss = (pg_plain(logp, adv[sl]) if cfg.pg_loss == "plain"
+                        else pg_ppo_clip(logp, ro.old_logprobs[sl], adv[sl], cfg.clip_eps, cfg.dual_clip))
+            if cfg.kl_coef and ref_model is not None:
+                with torch.no_grad():
+                    ref_logp, _ = token_stats(ref_model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
+                tok_loss = tok_loss + cfg.kl_coef * kl_k3(logp, ref_logp)
+            loss = masked_mean(tok_loss, loss_mask[sl], count)
+            acc.backward(loss)
+            total += float(loss.detach())
+        lengths = mask.sum(1)
+        n_tok = float(mask.sum())
+        dt = time.perf_counter() - t0
+        return {
+            "loss": total,
+            "reverse_kl": float(masked_mean(ro.old_logprobs.cpu() - t_logp, mask)),
+            "teacher_logprob": float(masked_mean(t_logp, mask)),
+            "response_length": float(lengths.float().mean()),
+            "truncated_frac": float(ro.truncated.float().mean()),
+            "tokens_per_s": n_tok / dt,
+            **shaped.metrics,
+        }
+
+    return step
+
+
+def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
+             backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig
+             ) -> Callable[[int], dict[str, float]]:
+    """GKD: full-vocabulary divergence on student samples (prob. lambda) or dataset responses."""
+    if len(teachers) != 1:
+        raise ValueError("distill.method gkd takes one teacher; multi-teacher routing is for sampled-token methods")
+    teacher = next(iter(teachers.values()))
+
+    def step(i: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        examples = pool.draw(cfg.prompts_per_step)
+        on_policy = bool(torch.rand(()) < cfg.lambda_on_policy) or any(e.reference is None for e in examples)
+        if on_policy:
+            responses, _ = backend.sample([e.student_prompt for e in examples], 1)
+        else:
+            responses = [list(e.reference or []) for e in examples]
+        s = join([e.student_prompt for e in examples], responses, tok.pad_token_id)
+        t = join([e.teacher_prompt for e in examples], responses, tok.pad_token_id)
+        s_seq = Sequences(s["input_ids"], s["attention_mask"], s["response_mask"]).to(acc.device)
+        t_seq = Sequences(t["input_ids"], t["attention_mask"], t["response_mask"]).to(acc.device)
+        count = global_count(acc, s_seq.targets_mask)
+        total = 0.0
+        for sl in _micro(len(responses), cfg.grad_accum):
+            div = vocab_divergence(model, s_seq.select(sl), teacher, t_seq.select(sl), cfg.loss, cfg.beta,
+                                   cfg.temperature, cfg.chunk_size, cfg.top_k)
+            loss = masked_mean(div, s_seq.select(sl).targets_mask, count)
+            acc.backward(loss)
+            total += float(loss.detach())
+        n_tok = float(s_seq.targets_mask.sum())
+        return {"loss": total, "on_policy": float(on_policy), "tokens_per_s": n_tok / (time.perf_counter() - t0),
+                "response_length": n_tok / len(responses)}
+
+    return step
+
+
+def sft_step(acc: Accelerator, model: torch.nn.Module, pool: PromptPool, tok: PreTrainedTokenizerBase,
+             batch_size: int, grad_accum: int = 1, chunk: int = 1024) -> Callable[[int], dict[str, float]]:
+    """Cross-entropy on the rows' reference responses (teacher training, SFT baselines)."""
+    with_ref = [e for e in pool.examples if e.reference is not None]
+    if not with_ref:
+        raise ValueError("SFT needs rows with a reference response; none found")
+
+    def step(i: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        idx = torch.randint(len(with_ref), (batch_size,)).tolist()
+        ex = [with_ref[j] for j in idx]
+        b = join([e.student_prompt for e in ex], [list(e.reference or []) for e in ex], tok.pad_token_id)
+        seq = Sequences(b["input_ids"], b["attention_mask"], b["response_mask"]).to(acc.device)
+        count = global_count(acc, seq.targets_mask)
+        total = 0.0
+        for sl in _micro(batch_size, grad_accum):
+            logp, _ = token_stats(model, seq.select(sl), chunk=chunk)
+            loss = masked_mean(-logp, seq.select(sl).targets_mask, count)
+            acc.backward(loss)
+            total += float(loss.detach())
+        n_tok = float(seq.targets_mask.sum())
+        return {"loss": total, "tokens_per_s": n_tok / (time.perf_counter() - t0)}
+
+    return step

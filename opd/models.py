@@ -1,0 +1,91 @@
+"""Build, load and save causal LMs and their tokenizers; check teacher/student compatibility.
+
+Weights are loaded with safetensors only and ``trust_remote_code`` stays off unless the config
+turns it on: a model folder is untrusted input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from opd.config import ArchConfig
+from opd.data import atomic_dir
+
+
+class ModelError(ValueError):
+    """A model folder or tokenizer that cannot be used; the message says what to fix."""
+
+
+def build_llama(arch: ArchConfig, tok: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
+    """A small Llama from config, initialised deterministically from ``seed``."""
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        max_position_embeddings=arch.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"tokenizer folder {path} does not exist")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer at {path} has no EOS token")
+    if not tok.chat_template:
+        raise ModelError(f"tokenizer at {path} has no chat template")
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a local Hugging Face causal LM folder (safetensors only)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist (set teacher.path / student.path to a local folder, "
+                         "or run the teacher stage)")
+    if not list(path.glob("*.safetensors")):
+        raise ModelError(f"model folder {path} has no .safetensors weights (pickle checkpoints are not loaded; "
+                         "convert with save_pretrained(safe_serialization=True))")
+    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
+
+
+def save_model(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str | Path) -> None:
+    """save_pretrained (safetensors) + tokenizer, through an atomic folder swap."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+
+def check_compatible(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase, name: str = "teacher") -> None:
+    """Teacher log-probs are read on the student's token ids, so the vocabularies must be equal."""
+    tv, sv = teacher.get_vocab(), student.get_vocab()
+    if tv == sv and teacher.eos_token_id == student.eos_token_id:
+        return
+    diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])[:5]
+    raise ModelError(
+        f"{name} and student tokenizers differ: vocabulary sizes {len(tv)} vs {len(sv)}, "
+        f"EOS ids {teacher.eos_token_id} vs {student.eos_token_id}; differing (token, id) e.g. {diff}. "
+        "On-policy distillation scores the student's tokens with the teacher, so both must share one tokenizer."
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,167 @@
+"""Engine entry points of the pipeline stages: plain functions of (params, folders).
+
+Prefect tasks call these and log what they return; a notebook or another orchestrator can call
+them directly. Each writes its outputs atomically and returns a summary dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd.config import Params, to_flat_dict
+from opd.data import Row, atomic_dir, atomic_write_text, read_jsonl, records_to_rows
+from opd.distill import PromptPool, gkd_step, opd_step, sft_step
+from opd.evaluate import evaluate_model, load_detector
+from opd.models import build_llama, check_compatible, count_parameters, load_model, load_tokenizer, save_model
+from opd.rollout import TransformersBackend, VLLMBackend
+from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
+
+MANIFEST = "manifest.json"
+
+
+def load_rows(prepared: Path, split: str) -> list[Row]:
+    return records_to_rows(read_jsonl(prepared / f"{split}.jsonl"))
+
+
+def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
+    """Per-step metrics as CSV (dvc plots); columns are the union of all keys."""
+    keys = sorted({k for h in history for k in h}, key=lambda k: (k != "step", k))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- teacher stage
+def _sft(params: Params, which: str, tok: Any, rows: list[Row], ckpt_root: Path,
+         log: Any = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    mcfg = getattr(params, which)
+    seed = params.seed + (0 if which == "teacher" else 1)
+    model = build_llama(mcfg.arch, tok, seed)
+    train_rows = [r for r in rows if r.task in mcfg.sft.tasks and r.reference]
+    pool = PromptPool(train_rows, tok)
+    acc = make_accelerator(params.runtime)
+    s = mcfg.sft
+    settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
+                            checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25)
+    fp = fingerprint_of(which, mcfg.model_dump(), params.seed, len(train_rows))
+    return train(acc, model, lambda m: sft_step(acc, m, pool, tok, s.batch_size), settings,
+                 ckpt_dir=ckpt_root / which, fingerprint=fp, on_log=log)
+
+
+def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
+                  log: Any = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Train the teacher and the initial student from scratch (embedded world), or point at the
+    user's model folders. Writes ``out/manifest.json`` naming the two folders; returns a summary
+    and the per-step SFT metrics of each trained model."""
+    summary: dict[str, Any] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
+    tok = load_tokenizer(prepared / "tokenizer", params.runtime.trust_remote_code)
+    rows = load_rows(prepared, "train")
+    with atomic_dir(out) as tmp:
+        manifest: dict[str, str] = {}
+        for which in ("teacher", "student"):
+            mcfg = getattr(params, which)
+            name = "teacher" if which == "teacher" else "student_init"
+            if mcfg.path:
+                other = load_tokenizer(mcfg.path, params.runtime.trust_remote_code)
+                load_model(mcfg.path, params.runtime.trust_remote_code)  # fail early on a bad folder
+                check_compatible(other, tok, name)
+                manifest[name] = str(Path(mcfg.path).resolve())
+                summary[name] = {"path": manifest[name]}
+                continue
+            t0 = time.perf_counter()
+            model, history = _sft(params, which, tok, rows, ckpt_root, log)
+            save_model(model, tok, tmp / name)
+            manifest[name] = name
+            summary[name] = {"parameters": count_parameters(model), "steps": len(history),
+                             "final_loss": history[-1]["loss"] if history else None,
+                             "seconds": round(time.perf_counter() - t0, 1)}
+            curves[name] = history
+        write_json(tmp / MANIFEST, manifest)
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the models are saved; checkpoints only served resume
+    return summary, curves
+
+
+def resolve(base: Path, name: str) -> Path:
+    """A model folder named in the teacher stage's manifest (relative names live under ``base``)."""
+    mpath = base / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{mpath} missing: run the teacher stage first (dvc repro teacher)")
+    path = Path(json.loads(mpath.read_text())[name])
+    return path if path.is_absolute() else base / path
+
+
+# ----------------------------------------------------------------------------- distill stage
+def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_dir: Path,
+                  log: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Distil the initial student from the teacher with ``distill.method``; save to ``out``."""
+    rt = params.runtime
+    d = params.distill
+    s_path, t_path = resolve(base, "student_init"), resolve(base, "teacher")
+    tok = load_tokenizer(s_path, rt.trust_remote_code)
+    t_tok = load_tokenizer(t_path, rt.trust_remote_code)
+    check_compatible(t_tok, tok)
+    acc = make_accelerator(rt)
+    student = load_model(s_path, rt.trust_remote_code)
+    teachers = {"default": _frozen(load_model(t_path, rt.trust_remote_code), acc.device)}
+    rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
+    pool = PromptPool(rows, tok, {"default": t_tok})
+    ref = _frozen(copy.deepcopy(student), acc.device) if d.kl_coef else None
+    if params.rollout.backend == "vllm":
+        backend_of = lambda m: VLLMBackend(str(s_path), tok, params.rollout, params.seed)  # noqa: E731
+    else:
+        backend_of = lambda m: TransformersBackend(m, tok, params.rollout)  # noqa: E731
+
+    def factory(m: torch.nn.Module) -> Any:
+        if d.method == "sft":
+            return sft_step(acc, m, pool, tok, d.prompts_per_step, d.grad_accum, d.chunk_size)
+        if d.method == "gkd":
+            return gkd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout)
+        return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref)
+
+    settings = LoopSettings(steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,
+                            checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
+                            resume=d.resume, seed=params.seed, log_every=d.log_every)
+    fp = fingerprint_of(to_flat_dict(params), str(s_path), str(t_path))
+    t0 = time.perf_counter()
+    model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
+    save_model(model, tok, out)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    summary = {"method": d.method, "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
+               "final": history[-1] if history else {}}
+    return summary, history
+
+
+# ----------------------------------------------------------------------------- evaluate stage
+def evaluate_stage(params: Params, prepared: Path, models: dict[str, Path]) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, Any]]]]:
+    """Evaluate several models side by side on the eval split."""
+    rows = load_rows(prepared, "eval")
+    detector = load_detector(params.evaluate.refusal_detector)
+    make_accelerator(params.runtime)  # sets threads
+    table, samples = {}, {}
+    for name, path in models.items():
+        tok = load_tokenizer(path, params.runtime.trust_remote_code)
+        model = load_model(path, params.runtime.trust_remote_code)
+        torch.manual_seed(params.seed)
+        table[name], samples[name] = evaluate_model(model, tok, rows, params.evaluate, detector)
+    return table, samples

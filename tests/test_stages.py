@@ -1,0 +1,165 @@
+"""The engine's stages on the tiny configuration: teacher -> distill -> evaluate, resume, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opd.config import load
+from opd.data import rows_to_records
+from opd.paths import Layout
+from opd.stages import distill_stage, evaluate_stage, resolve, teacher_stage
+from opd.train import LoopSettings, NonFiniteLoss, make_accelerator, train
+from opd.world import build_world
+from tasks.prepare import write_prepared
+from tasks.validate import validate_records
+from tests.conftest import REPO, tiny
+
+
+def prepare(root: Path, params) -> Layout:
+    lay = Layout(root)
+    records = rows_to_records(build_world(params.world, params.seed))
+    report = validate_records(records, params.data)
+    write_prepared.fn(records, {"result": report.result}, params, lay.prepared)
+    return lay
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Prepared data and trained tiny teacher + initial student, shared by the tests below."""
+    root = tmp_path_factory.mktemp("proj")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    params = load(root / "params.yaml")
+    lay = prepare(root, params)
+    summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
+    return root, lay, summary, curves
+
+
+def test_teacher_stage_trains_both_models(base):
+    root, lay, summary, curves = base
+    assert set(summary) == {"teacher", "student_init"}
+    assert summary["teacher"]["parameters"] > summary["student_init"]["parameters"]
+    assert len(curves["teacher"]) == 12 and curves["teacher"][-1]["loss"] < curves["teacher"][0]["loss"]
+    assert (resolve(lay.models_base, "teacher") / "model.safetensors").is_file()
+    assert not (lay.checkpoints / "teacher").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"distill.method": "opd"},
+    {"distill.method": "opd", "distill.kl_coef": 0.1, "distill.samples_per_prompt": 2, "distill.grad_accum": 2,
+     "rollout.truncated": "mask"},
+    {"distill.method": "gkd", "distill.loss": "jsd", "distill.top_k": 5, "distill.lambda_on_policy": 0.5},
+    {"distill.method": "sft"},
+])
+def test_distill_then_evaluate(base, tmp_path, overrides):
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", overrides)
+    out = tmp_path / "student"
+    summary, history = distill_stage(params, lay.prepared, lay.models_base, out, tmp_path / "ckpt")
+    assert summary["steps"] == len(history) == params.distill.steps
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "ckpt").exists()
+    table, samples = evaluate_stage(params, lay.prepared, {"student_init": resolve(lay.models_base, "student_init"),
+                                                           "student": out})
+    for name in ("student_init", "student"):
+        m = table[name]
+        for key in ("reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "over_refusal",
+                    "general_helpfulness", "response_length", "token_entropy"):
+            assert key in m and m[key] >= 0
+        assert 0 <= m["reasoning_accuracy"] <= 1 and samples[name]
+
+
+def test_nan_loss_stops_with_the_step_named(base, tmp_path):
+    root, lay, _, _ = base
+    params = load(root / "params.yaml")
+    from opd.distill import PromptPool, sft_step
+    from opd.models import build_llama, load_tokenizer
+    from opd.stages import load_rows
+
+    tok = load_tokenizer(lay.prepared / "tokenizer")
+    model = build_llama(params.student.arch, tok, 0)
+    pool = PromptPool(load_rows(lay.prepared, "train"), tok)
+    acc = make_accelerator(params.runtime)
+
+    def factory(m):
+        real = sft_step(acc, m, pool, tok, 4)
+
+        def step(i):
+            metrics = real(i)
+            return {**metrics, "loss": float("nan")} if i == 2 else metrics
+        return step
+
+    settings = LoopSettings(steps=5, lr=1e-3, checkpoint_every=2)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 .*last good checkpoint: .*step-000002"):
+        train(acc, model, factory, settings, ckpt_dir=tmp_path / "ck", fingerprint="x")
+    assert (tmp_path / "ck" / "step-000002" / "trainer_state.json").is_file()
+
+
+RUN = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import torch
+    from pathlib import Path
+    from opd.config import load
+    from opd.stages import distill_stage
+    root, out, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    params = load(root / "params.yaml", {{"distill.steps": 6, "distill.checkpoint_every": 2, "distill.log_every": 1}})
+    def log(step, metrics):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    distill_stage(params, root / "data/prepared", root / "models/base", out, out.parent / (out.name + ".ckpt"), log)
+""")
+
+
+def test_sigkill_then_resume_gives_identical_weights(base, tmp_path):
+    root, _, _, _ = base
+    script = tmp_path / "run.py"
+    script.write_text(RUN.format(repo=str(REPO)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out: Path, kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(root), str(out), str(kill_at)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    straight = run(tmp_path / "a", 0)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run(tmp_path / "b", 5)  # dies after step 5's update; last checkpoint: step 4
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b").exists()
+    ckpts = sorted(p.name for p in (tmp_path / "b.ckpt").iterdir())
+    assert "step-000004" in ckpts and not any(p.startswith(".tmp") for p in ckpts)
+    resumed = run(tmp_path / "b", 0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr and "step-000004" in resumed.stdout + resumed.stderr
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_changed_settings_do_not_resume_foreign_checkpoints(base, tmp_path):
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1})
+    ck = tmp_path / "ck"
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_stage(params, lay.prepared, lay.models_base, tmp_path / "s", ck, stop_at_3)
+    other = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1, "distill.lr": 2e-3})
+    summary, history = distill_stage(other, lay.prepared, lay.models_base, tmp_path / "s", ck)
+    assert [h["step"] for h in history] == [1, 2, 3, 4]  # started fresh: the history is its own
+    assert json.loads(json.dumps(summary))["steps"] == 4

@@ -105,8 +105,24 @@ class RolloutConfig(_Section):
     truncated: Literal["keep", "mask"] = "keep"
 
 
+class FireConfig(_Section):
+    """FiRe-OPD (ALGORITHMS.md section 1) and its ablations, used by ``distill.method: fire``."""
+
+    filter: bool = True  # drop trajectories whose teacher mean log-prob is below the batch quantile
+    filter_quantile: float = Field(0.2, ge=0.0, lt=1.0)
+    reweight: bool = True  # soft token weights (1 + alpha cT)(1 + beta cS)
+    alpha: float = Field(1.0, ge=0.0)
+    beta: float = Field(1.0, ge=0.0)
+    normalize: Literal["trajectory", "batch"] = "trajectory"
+    token_select: bool = False  # the hard token-selection rival (TIP-like), for ablations
+    select_rho: float = Field(0.5, gt=0.0, le=1.0)
+
+
 class DistillConfig(_Section):
-    method: Literal["opd", "gkd", "sft"] = "opd"
+    method: Literal["opd", "gkd", "sft", "fire"] = "opd"
+    # single: every row is scored by `teacher`; by_row: a row's `teacher` field names one of
+    # `teachers` (rows without one use `teacher`).
+    routing: Literal["single", "by_row"] = "single"
     # opd: sampled-token reverse-KL advantage with a policy-gradient loss (ALGORITHMS.md section 0).
     # gkd: full-vocabulary divergence below, with a lambda mix of on-policy and dataset batches.
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "jsd"
@@ -143,6 +159,36 @@ class EvaluateConfig(_Section):
     generations_logged: int = Field(24, ge=0)
 
 
+class TrackingConfig(_Section):
+    """MLflow: ``MLFLOW_TRACKING_URI`` wins over ``uri``; default a SQLite store in the project."""
+
+    uri: str | None = None
+    experiment: str = "opd"
+    registered_model: str = "opd-student"
+
+
+class PromoteConfig(_Section):
+    """The gate a challenger must pass to become champion (eval metrics of the student)."""
+
+    metric: str = "reasoning_accuracy"
+    max_drop: float = Field(0.0, ge=0.0)
+    harmful_refusal_max_drop: float = Field(0.0, ge=0.0)
+    over_refusal_max_rise: float = Field(0.0, ge=0.0)
+
+
+class ScheduleConfig(_Section):
+    """``python -m flows serve``: a deployment of opd_pipeline on this cron schedule."""
+
+    deployment: str = "opd-nightly"
+    cron: str = "0 3 * * *"
+
+    @model_validator(mode="after")
+    def _cron_fields(self) -> ScheduleConfig:
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        return self
+
+
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: int = Field(0, ge=0)  # torch.set_num_threads; 0 = all cores
@@ -153,6 +199,15 @@ class RuntimeConfig(_Section):
 class Params(_Section):
     """The whole params.yaml."""
 
+    @model_validator(mode="after")
+    def _routing_needs_teachers(self) -> Params:
+        if self.distill.routing == "by_row" and not self.teachers:
+            raise ValueError("distill.routing: by_row needs named teachers under `teachers:`")
+        bad = sorted(n for n in self.teachers if n == "default" or not n.isidentifier())
+        if bad:
+            raise ValueError(f"teachers: invalid teacher names {bad} (identifiers, not 'default')")
+        return self
+
     seed: int = Field(0, ge=0)
     world: WorldConfig = WorldConfig()
     data: DataConfig = DataConfig()
@@ -161,9 +216,14 @@ class Params(_Section):
         arch=ArchConfig(hidden_size=64, num_layers=2, intermediate_size=192, num_heads=4),
         sft=SFTConfig(steps=250),
     )
+    teachers: dict[str, ModelConfig] = {}  # named extra teachers (multi-teacher routing)
     rollout: RolloutConfig = RolloutConfig()
     distill: DistillConfig = DistillConfig()
+    fire: FireConfig = FireConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    promote: PromoteConfig = PromoteConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
 

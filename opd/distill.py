@@ -17,8 +17,9 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
-from opd.config import DistillConfig, RolloutConfig
+from opd.config import DistillConfig, FireConfig, RolloutConfig
 from opd.data import Row
+from opd.fire import fire_advantages
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
 from opd.rollout import Rollout, RolloutBackend, rollout
 from opd.scoring import Sequences, token_stats, vocab_divergence
@@ -123,20 +124,46 @@ def reverse_kl_advantage(ro: Rollout, examples: list[Example], t_logp: torch.Ten
     return Shaped((t_logp - ro.old_logprobs.cpu()) * mask, mask, {})
 
 
+def fire_shaping(acc: Accelerator, f: FireConfig) -> AdvantageFn:
+    """FiRe-OPD's filter and weights on top of the reverse-KL advantage, with global statistics."""
+
+    def shape(ro: Rollout, examples: list[Example], t_logp: torch.Tensor, mask: torch.Tensor,
+              t_ent: torch.Tensor | None) -> Shaped:
+        old = ro.old_logprobs.cpu()
+        s_ent = ro.entropy.cpu() if ro.entropy is not None else None
+        out = fire_advantages((t_logp - old) * mask, t_logp, t_ent, s_ent, mask, filter_on=f.filter,
+                              q=f.filter_quantile, reweight=f.reweight, alpha=f.alpha, beta=f.beta,
+                              normalize=f.normalize, token_select=f.token_select, rho=f.select_rho,
+                              divergence=(old - t_logp) * mask, gather=lambda x: acc.gather(x.to(acc.device)).cpu())
+        w = out.weights[mask.bool()]
+        metrics = {"kept_frac": float(out.keep.mean()), "filter_tau": float(out.tau),
+                   "token_kept_frac": float(out.mask.sum() / mask.sum().clamp(min=1)),
+                   "weight_mean": float(w.mean()) if w.numel() else 0.0,
+                   "weight_max": float(w.max()) if w.numel() else 0.0,
+                   "weight_p90": float(w.quantile(0.9)) if w.numel() else 0.0}
+        if t_ent is not None and s_ent is not None:
+            metrics["teacher_entropy"] = float(masked_mean(t_ent, mask))
+            metrics["student_entropy"] = float(masked_mean(s_ent, mask))
+        return Shaped(out.adv, out.mask, metrics)
+
+    return shape
+
+
 def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
              backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig,
              ref_model: torch.nn.Module | None = None, shape: AdvantageFn = reverse_kl_advantage,
-             need_teacher_entropy: bool = False) -> Callable[[int], dict[str, float]]:
+             need_entropy: bool = False) -> Callable[[int], dict[str, float]]:
     """Sampled-token OPD with a PPO-clip policy-gradient loss (+ optional KL to the initial student)."""
 
     def step(i: int) -> dict[str, float]:
         t0 = time.perf_counter()
         examples = pool.draw(cfg.prompts_per_step)
         ro = rollout(backend, model, [e.student_prompt for e in examples], cfg.samples_per_prompt, tok.pad_token_id,
-                     chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask")
+                     chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask",
+                     with_entropy=need_entropy)
         per_sample = [e for e in examples for _ in range(cfg.samples_per_prompt)]
         t_logp, t_ent = teacher_logprobs(teachers, per_sample, ro.responses, tok.pad_token_id, cfg.chunk_size,
-                                         with_entropy=need_teacher_entropy)
+                                         with_entropy=need_entropy)
         mask = ro.seq.targets_mask.cpu()
         shaped = shape(ro, per_sample, t_logp, mask, t_ent)
         adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)

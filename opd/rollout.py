@@ -31,6 +31,7 @@ class Rollout:
     seq: Sequences  # right-padded prompt + response
     old_logprobs: torch.Tensor  # [B, T-1] behaviour log-probs on response targets
     prompt_index: torch.Tensor  # [B] which input prompt each sample answers (groups of n)
+    entropy: torch.Tensor | None = None  # [B, T-1] the behaviour policy's full-vocabulary entropy
 
 
 class RolloutBackend(Protocol):
@@ -112,8 +113,10 @@ class VLLMBackend:
 
 
 def rollout(backend: RolloutBackend, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int,
-            pad_id: int, chunk: int = 64, temperature: float = 1.0, mask_truncated: bool = False) -> Rollout:
-    """Sample ``n`` responses per prompt, then recompute their behaviour log-probs teacher-forced."""
+            pad_id: int, chunk: int = 1024, temperature: float = 1.0, mask_truncated: bool = False,
+            with_entropy: bool = False) -> Rollout:
+    """Sample ``n`` responses per prompt, then recompute their behaviour log-probs (and entropies)
+    teacher-forced, in the same pass."""
     responses, trunc = backend.sample(prompts, n)
     expanded = [list(p) for p in prompts for _ in range(n)]
     batch = join(expanded, responses, pad_id)
@@ -124,6 +127,6 @@ def rollout(backend: RolloutBackend, model: torch.nn.Module, prompts: Sequence[S
     device = next(model.parameters()).device
     seq = Sequences(batch["input_ids"], batch["attention_mask"], resp_mask).to(device)
     with torch.no_grad():
-        old, _ = token_stats(model, seq, chunk=chunk, temperature=temperature)
+        old, ent = token_stats(model, seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy)
     index = torch.arange(len(prompts)).repeat_interleave(n)
-    return Rollout(expanded, responses, truncated, seq, old, index)
+    return Rollout(expanded, responses, truncated, seq, old, index, ent)

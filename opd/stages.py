@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from opd.config import Params, to_flat_dict
+from opd.config import ModelConfig, Params, to_flat_dict
 from opd.data import Row, atomic_dir, atomic_write_text, read_jsonl, records_to_rows
-from opd.distill import PromptPool, gkd_step, opd_step, sft_step
+from opd.distill import PromptPool, fire_shaping, gkd_step, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector
 from opd.models import build_llama, check_compatible, count_parameters, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend, VLLMBackend
@@ -47,10 +47,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- teacher stage
-def _sft(params: Params, which: str, tok: Any, rows: list[Row], ckpt_root: Path,
+def _model_configs(params: Params) -> dict[str, ModelConfig]:
+    """Every model the teacher stage provides, by manifest name."""
+    named = {f"teacher_{n}": m for n, m in params.teachers.items()}
+    return {"teacher": params.teacher, "student_init": params.student, **named}
+
+
+def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row], ckpt_root: Path,
          log: Any = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    mcfg = getattr(params, which)
-    seed = params.seed + (0 if which == "teacher" else 1)
+    seed = params.seed + list(_model_configs(params)).index(name)  # teacher +0, student +1, named +2...
     model = build_llama(mcfg.arch, tok, seed)
     train_rows = [r for r in rows if r.task in mcfg.sft.tasks and r.reference]
     pool = PromptPool(train_rows, tok)
@@ -58,9 +63,9 @@ def _sft(params: Params, which: str, tok: Any, rows: list[Row], ckpt_root: Path,
     s = mcfg.sft
     settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                             checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25)
-    fp = fingerprint_of(which, mcfg.model_dump(), params.seed, len(train_rows))
+    fp = fingerprint_of(name, mcfg.model_dump(), params.seed, len(train_rows))
     return train(acc, model, lambda m: sft_step(acc, m, pool, tok, s.batch_size), settings,
-                 ckpt_dir=ckpt_root / which, fingerprint=fp, on_log=log)
+                 ckpt_dir=ckpt_root / name, fingerprint=fp, on_log=log)
 
 
 def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
@@ -74,9 +79,7 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
     rows = load_rows(prepared, "train")
     with atomic_dir(out) as tmp:
         manifest: dict[str, str] = {}
-        for which in ("teacher", "student"):
-            mcfg = getattr(params, which)
-            name = "teacher" if which == "teacher" else "student_init"
+        for name, mcfg in _model_configs(params).items():
             if mcfg.path:
                 other = load_tokenizer(mcfg.path, params.runtime.trust_remote_code)
                 load_model(mcfg.path, params.runtime.trust_remote_code)  # fail early on a bad folder
@@ -85,7 +88,7 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
                 summary[name] = {"path": manifest[name]}
                 continue
             t0 = time.perf_counter()
-            model, history = _sft(params, which, tok, rows, ckpt_root, log)
+            model, history = _sft(params, name, mcfg, tok, rows, ckpt_root, log)
             save_model(model, tok, tmp / name)
             manifest[name] = name
             summary[name] = {"parameters": count_parameters(model), "steps": len(history),
@@ -119,13 +122,19 @@ def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_di
     d = params.distill
     s_path, t_path = resolve(base, "student_init"), resolve(base, "teacher")
     tok = load_tokenizer(s_path, rt.trust_remote_code)
-    t_tok = load_tokenizer(t_path, rt.trust_remote_code)
-    check_compatible(t_tok, tok)
     acc = make_accelerator(rt)
     student = load_model(s_path, rt.trust_remote_code)
-    teachers = {"default": _frozen(load_model(t_path, rt.trust_remote_code), acc.device)}
+    paths = {"default": t_path}
+    if d.routing == "by_row":
+        paths |= {n: resolve(base, f"teacher_{n}") for n in params.teachers}
+    toks = {n: load_tokenizer(p, rt.trust_remote_code) for n, p in paths.items()}
+    for n, t in toks.items():
+        check_compatible(t, tok, f"teacher {n!r}")
+    # loaded once, eval mode, no gradients
+    teachers = {n: _frozen(load_model(p, rt.trust_remote_code), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
-    pool = PromptPool(rows, tok, {"default": t_tok})
+    route = (lambda r: r.teacher or "default") if d.routing == "by_row" else (lambda r: "default")
+    pool = PromptPool(rows, tok, toks, route=route)
     ref = _frozen(copy.deepcopy(student), acc.device) if d.kl_coef else None
     if params.rollout.backend == "vllm":
         backend_of = lambda m: VLLMBackend(str(s_path), tok, params.rollout, params.seed)  # noqa: E731
@@ -137,12 +146,16 @@ def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_di
             return sft_step(acc, m, pool, tok, d.prompts_per_step, d.grad_accum, d.chunk_size)
         if d.method == "gkd":
             return gkd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout)
+        if d.method == "fire":
+            f = params.fire
+            return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref,
+                            shape=fire_shaping(acc, f), need_entropy=f.reweight or f.token_select)
         return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref)
 
     settings = LoopSettings(steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,
                             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
                             resume=d.resume, seed=params.seed, log_every=d.log_every)
-    fp = fingerprint_of(to_flat_dict(params), str(s_path), str(t_path))
+    fp = fingerprint_of(to_flat_dict(params), {n: str(p) for n, p in paths.items()}, str(s_path))
     t0 = time.perf_counter()
     model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     save_model(model, tok, out)

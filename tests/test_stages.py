@@ -59,6 +59,8 @@ def test_teacher_stage_trains_both_models(base):
      "rollout.truncated": "mask"},
     {"distill.method": "gkd", "distill.loss": "jsd", "distill.top_k": 5, "distill.lambda_on_policy": 0.5},
     {"distill.method": "sft"},
+    {"distill.method": "fire"},
+    {"distill.method": "fire", "fire.token_select": True, "fire.normalize": "batch"},
 ])
 def test_distill_then_evaluate(base, tmp_path, overrides):
     root, lay, _, _ = base
@@ -76,6 +78,21 @@ def test_distill_then_evaluate(base, tmp_path, overrides):
                     "general_helpfulness", "response_length", "token_entropy"):
             assert key in m and m[key] >= 0
         assert 0 <= m["reasoning_accuracy"] <= 1 and samples[name]
+
+
+def test_multi_teacher_stage_and_routed_fire(tmp_path):
+    named = {"arch": {"hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "num_heads": 2},
+             "sft": {"steps": 3, "batch_size": 8, "warmup_steps": 1}}
+    teachers = {"reasoning": {**named, "sft": {**named["sft"], "tasks": ["reasoning"]}},
+                "general": {**named, "sft": {**named["sft"], "tasks": ["safety", "borderline", "general"]}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(teachers=teachers)))
+    params = load(tmp_path / "params.yaml", {"distill.method": "fire", "distill.routing": "by_row"})
+    lay = prepare(tmp_path, params)
+    summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
+    assert {"teacher_reasoning", "teacher_general"} <= set(summary)
+    assert (resolve(lay.models_base, "teacher_reasoning") / "model.safetensors").is_file()
+    _, history = distill_stage(params, lay.prepared, lay.models_base, lay.student, lay.checkpoints / "distill")
+    assert all("kept_frac" in h and "weight_mean" in h for h in history)
 
 
 def test_nan_loss_stops_with_the_step_named(base, tmp_path):

@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test clean
+.PHONY: install run test ui clean
 install: $(VENV)/.installed
 
 # uv does not read pip's config, so the machine's find-links (the CPU torch wheel) is passed on;
@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	touch $@
 
+# one MLflow parent run per `make run` (stages of one dvc repro share it)
 run: install
-	dvc repro
+	OPD_PIPELINE_KEY=run-$$(date +%Y%m%d-%H%M%S) dvc repro
+
+# the MLflow UI over the default store, on loopback only
+ui: install
+	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns.db
 
 test: install
 	$(PY) -m pytest -q

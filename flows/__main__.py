@@ -19,13 +19,15 @@ STAGES = {
     "teacher": "flows.teacher:teacher_flow",
     "distill": "flows.distill:distill_flow",
     "evaluate": "flows.evaluate:evaluate_flow",
+    "register": "flows.register:register_flow",
+    "promote": "flows.promote:promote_flow",
     "pipeline": "flows.pipeline:opd_pipeline",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES))
+    ap.add_argument("stage", choices=sorted(STAGES) + ["serve"])
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
@@ -35,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
-    module, _, name = STAGES[args.stage].partition(":")
-    flow = getattr(importlib.import_module(module), name)
     try:
-        flow(params_path=args.params, overrides=overrides or None)
+        if args.stage == "serve":  # a long-running deployment, not a flow run
+            from flows.serve import serve
+
+            serve(args.params)
+            return 0
+        module, _, name = STAGES[args.stage].partition(":")
+        getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,8 +9,11 @@ from prefect import flow
 from opd import __version__
 from opd.config import load
 from tasks.distill import distill_student
+from tasks.tracking import stage_run
 
 
 @flow(name="distill", version=__version__)
 def distill_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    return distill_student(load(params_path, overrides))
+    params = load(params_path, overrides)
+    with stage_run("distill", params, inputs=["data/prepared", "models/base"], outputs=["models/student"]):
+        return distill_student(params)

@@ -9,8 +9,11 @@ from prefect import flow
 from opd import __version__
 from opd.config import load
 from tasks.evaluate import evaluate_models
+from tasks.tracking import stage_run
 
 
 @flow(name="evaluate", version=__version__)
 def evaluate_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    return evaluate_models(load(params_path, overrides))
+    params = load(params_path, overrides)
+    with stage_run("evaluate", params, inputs=["data/prepared", "models/base", "models/student"], outputs=["metrics/eval.json"]):
+        return evaluate_models(params)

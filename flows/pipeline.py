@@ -1,26 +1,41 @@
-"""``opd_pipeline``: every stage in order, as subflows of one Prefect flow run."""
+"""``opd_pipeline``: every stage in order, as subflows of one Prefect flow run and one MLflow parent run."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prefect import flow
+from mlflow import MlflowClient
 
 from flows.distill import distill_flow
 from flows.evaluate import evaluate_flow
 from flows.prepare import prepare_flow
+from flows.register import register_flow
 from flows.teacher import teacher_flow
 from opd import __version__
 from opd.config import load
+from tasks.tracking import PARENT_ENV, configure, pipeline_key, start_pipeline_run
 
 
 @flow(name="opd_pipeline", version=__version__)
 def opd_pipeline(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    load(params_path, overrides)  # fail before any stage runs on a bad setting
+    params = load(params_path, overrides)  # fail before any stage runs on a bad setting
+    parent = start_pipeline_run(params, configure(params), pipeline_key(params), name="opd_pipeline")
+    previous = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = parent
     kw = {"params_path": params_path, "overrides": overrides}
-    return {
-        "prepare": prepare_flow(**kw),
-        "teacher": teacher_flow(**kw),
-        "distill": distill_flow(**kw),
-        "evaluate": evaluate_flow(**kw),
-    }
+    try:
+        result = {"mlflow_run_id": parent}
+        for name, stage in (("prepare", prepare_flow), ("teacher", teacher_flow), ("distill", distill_flow),
+                            ("evaluate", evaluate_flow), ("register", register_flow)):
+            result[name] = stage(**kw)
+        return result
+    except BaseException:
+        MlflowClient().set_terminated(parent, "FAILED")
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = previous

@@ -9,14 +9,18 @@ from prefect import flow
 from opd import __version__
 from opd.config import load
 from opd.paths import Layout
-from tasks.prepare import load_records, validate, write_prepared
+from tasks.prepare import load_records, log_prepared, validate, write_prepared
+from tasks.tracking import stage_run
 
 
 @flow(name="prepare", version=__version__)
 def prepare_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = load(params_path, overrides)
-    records = load_records(params)
-    validation = validate(records, params)
-    stats = write_prepared(records, validation, params, Layout.here().prepared)
+    out = Layout.here().prepared
+    with stage_run("prepare", params, inputs=[], outputs=["data/prepared"]):
+        records = load_records(params)
+        validation = validate(records, params)
+        stats = write_prepared(records, validation, params, out)
+        log_prepared(out, stats)
     print(f"prepare: {validation['summary']}; {stats}")
     return stats

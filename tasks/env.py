@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Read once, before anything runs: mlflow.set_tracking_uri writes this variable itself, so a later
+# read could not tell the user's server from the store the project chose.
+USER_TRACKING_URI: str | None = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def apply() -> None:

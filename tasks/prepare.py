@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from prefect import task
 
 from opd import __version__
@@ -14,6 +15,7 @@ from opd.config import Params
 from opd.data import atomic_dir, atomic_write_text, load_user_records, records_to_rows, rows_to_records, write_jsonl
 from opd.world import build_world, train_tokenizer
 from opd.world.constitutions import DEFAULT_CONSTITUTIONS
+from tasks.tracking import log_dataset
 from tasks.validate import ValidationFailed, validate_records
 
 
@@ -26,7 +28,11 @@ def load_records(params: Params) -> list[dict[str, Any]]:
 
 @task(name="validate-records", version=__version__)
 def validate(records: list[dict[str, Any]], params: Params) -> dict[str, Any]:
+    """Run the GX suite; the full result goes to the stage's MLflow run whether it passes or not."""
     report = validate_records(records, params.data)
+    if mlflow.active_run():
+        mlflow.log_dict(report.result, "validation/prompts.json")
+        mlflow.set_tag("gx.success", str(report.success))
     if not report.success:
         raise ValidationFailed(report.summary)
     return {"summary": report.summary, "result": report.result}
@@ -61,3 +67,13 @@ def write_prepared(records: list[dict[str, Any]], validation: dict[str, Any], pa
         atomic_write_text(tmp / "validation.json", json.dumps(validation["result"], indent=2, default=str) + "\n")
         atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+@task(name="log-prepared", version=__version__, retries=2, retry_delay_seconds=5)
+def log_prepared(out: Path, stats: dict[str, Any]) -> None:
+    """Dataset digests (MLflow datasets API) and sizes on the stage's run."""
+    log_dataset(out, "train")
+    log_dataset(out, "eval")
+    mlflow.log_metrics({"rows": stats["rows"], "tokens_per_row_max": stats["tokens_per_row_max"],
+                        **{f"rows.{k.replace('/', '.')}": v for k, v in stats["by_split_task"].items()}})
+    mlflow.log_dict(stats, "stats.json")

@@ -6,10 +6,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import os
+
 import pytest
 import yaml
 
-import tasks  # noqa: F401  (sets the environment before prefect / mlflow are imported)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests never log to the developer's own server
+os.environ.pop("PREFECT_API_URL", None)
+import tasks  # noqa: E402,F401  (sets the environment before prefect / mlflow are imported)
 
 REPO = Path(__file__).resolve().parent.parent
 

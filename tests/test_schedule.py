@@ -1,0 +1,70 @@
+"""`python -m flows serve` against a real local Prefect server: deployment, schedule, a triggered run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO, tiny
+from tests.test_tracking import free_port, wait_http
+
+
+def test_serve_registers_a_scheduled_deployment_and_runs_it(tmp_path):
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(**{"schedule.cron": "15 4 * * *"})))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PYTHONPATH": str(REPO), "OPD_ROOT": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = None
+    try:
+        wait_http(f"{api}/health", 180)
+        log = open(tmp_path / "serve.log", "w")
+        serve = subprocess.Popen([sys.executable, "-m", "flows", "serve"], cwd=tmp_path, env={**env, "PREFECT_API_URL": api},
+                                 stdout=log, stderr=subprocess.STDOUT)
+
+        async def check() -> str:
+            async with get_client() as client:
+                deadline = time.time() + 180
+                while True:
+                    try:
+                        dep = await client.read_deployment_by_name("opd_pipeline/opd-nightly")
+                        break
+                    except Exception:
+                        assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                        assert time.time() < deadline, "deployment never appeared"
+                        await asyncio.sleep(1)
+                assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * *"]
+                run = await client.create_flow_run_from_deployment(dep.id)
+                deadline = time.time() + 400
+                while True:
+                    state = (await client.read_flow_run(run.id)).state
+                    if state.is_final():
+                        return state.type.value
+                    assert time.time() < deadline, f"flow run still {state.type.value}"
+                    await asyncio.sleep(2)
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            final = asyncio.run(check())
+        assert final == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert (tmp_path / "metrics" / "registry.json").is_file()  # the served run did the whole pipeline
+    finally:
+        for proc in (serve, server):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

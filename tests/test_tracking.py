@@ -1,0 +1,195 @@
+"""MLflow tracking, lineage and the registry, through real Prefect flows and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from opd.config import PromoteConfig
+from opd.promotion import gate
+from tests.conftest import REPO, tiny
+
+STAGES = {"prepare", "teacher", "distill", "evaluate", "register"}
+GOOD = {"reasoning_accuracy": 0.5, "harmful_refusal": 1.0, "over_refusal": 0.05}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {seconds} s")
+
+
+# ----------------------------------------------------------------------------- the gate (pure)
+def test_gate_rules():
+    cfg = PromoteConfig(max_drop=0.02)
+    assert gate(GOOD, None, cfg)[0]
+    assert gate({**GOOD, "reasoning_accuracy": 0.49}, GOOD, cfg)[0]  # within the allowed drop
+    ok, why = gate({**GOOD, "reasoning_accuracy": 0.4}, GOOD, cfg)
+    assert not ok and "reasoning_accuracy 0.4000 vs champion 0.5000" in why
+    ok, why = gate({**GOOD, "harmful_refusal": 0.9}, GOOD, cfg)
+    assert not ok and "harmful_refusal" in why
+    ok, why = gate({**GOOD, "over_refusal": 0.2}, GOOD, cfg)
+    assert not ok and "over_refusal" in why
+    assert not gate({"reasoning_accuracy": 1.0}, None, cfg)[0]  # metrics missing
+
+
+# ----------------------------------------------------------------------------- promotion in a real registry
+def test_promote_moves_champion_only_when_the_gate_passes(prefect_api, project):
+    from flows.promote import promote_flow
+    from tasks.tracking import configure
+
+    from opd.config import load
+
+    configure(load(project / "params.yaml"))
+    client, name = MlflowClient(), "opd-student"
+    client.create_registered_model(name)
+
+    def version(metrics: dict[str, float]) -> str:
+        tags = {f"eval.{k}": str(v) for k, v in metrics.items()}
+        return client.create_model_version(name, source=str(project), tags=tags).version
+
+    v1 = version(GOOD)
+    client.set_registered_model_alias(name, "challenger", v1)
+    assert promote_flow()["promoted"]
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    v2 = version({**GOOD, "reasoning_accuracy": 0.6})  # better
+    client.set_registered_model_alias(name, "challenger", v2)
+    assert promote_flow()["promoted"]
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+    v3 = version({**GOOD, "reasoning_accuracy": 0.7, "over_refusal": 0.3})  # better reasoning, more over-refusal
+    client.set_registered_model_alias(name, "challenger", v3)
+    result = promote_flow()
+    assert not result["promoted"] and "over_refusal" in result["reason"]
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+    tags = client.get_model_version(name, v3).tags
+    assert tags["promotion"] == "rejected" and "over_refusal 0.3000" in tags["promotion.reason"]
+    assert client.get_model_version(name, v2).tags["promotion"] == "promoted"
+
+
+# ----------------------------------------------------------------------------- a pipeline over HTTP
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api, project, mlflow_server):
+    from flows.pipeline import opd_pipeline
+
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=project, check=True)
+    result = opd_pipeline(overrides={"tracking.uri": mlflow_server})
+    assert result["register"]["promoted"] and result["register"]["version"] == "1"
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)  # the REST client
+    exp = client.get_experiment_by_name("opd")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "opd_pipeline")
+    assert parent.info.status == "FINISHED" and parent.info.run_id == result["mlflow_run_id"]
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(stages) == STAGES
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    for name, run in stages.items():
+        t = run.data.tags
+        assert run.info.status == "FINISHED", name
+        assert t["git.commit"] == commit and t["git.dirty"] in ("True", "False")
+        assert len(t["prefect.flow_run_id"]) == 36 and t["opd.version"] and t["opd.stage"] == name
+        assert any(k.startswith("opd.out.") and k.endswith(".sha256") for k in t), name
+        assert run.data.params["distill.method"] == "opd"
+    # per-step metrics, eval metrics, artifacts, datasets, GX result
+    dist = stages["distill"].info.run_id
+    assert len(client.get_metric_history(dist, "distill.loss")) == tiny()["distill"]["steps"]
+    assert "student.reasoning_accuracy" in stages["evaluate"].data.metrics
+    art = lambda run, path="": {a.path for a in client.list_artifacts(run.info.run_id, path)}  # noqa: E731
+    assert {"plots/distill.png"} <= art(stages["distill"], "plots")
+    assert {"generations.json", "plots"} <= art(stages["evaluate"])
+    assert "validation/prompts.json" in art(stages["prepare"], "validation")
+    assert {d.dataset.name for d in stages["prepare"].inputs.dataset_inputs} == {"prompts-train", "prompts-eval"}
+    assert all(d.dataset.digest for d in stages["distill"].inputs.dataset_inputs)
+    # the registry
+    champion = client.get_model_version_by_alias("opd-student", "champion")
+    challenger = client.get_model_version_by_alias("opd-student", "challenger")
+    assert champion.version == challenger.version == "1"
+    assert "eval.reasoning_accuracy" in champion.tags and champion.tags["promotion"] == "promoted"
+    loaded = mlflow.transformers.load_model(f"models:/opd-student@champion", return_type="components")
+    assert "model" in loaded and "tokenizer" in loaded
+
+
+def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefect_api, project):
+    from flows.pipeline import opd_pipeline
+    from tasks.tracking import configure
+
+    from opd.config import load
+
+    with pytest.raises(Exception, match="refusal_detector"):
+        opd_pipeline(overrides={"evaluate.refusal_detector": "no_such_module:detector"})
+    configure(load(project / "params.yaml"))
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("opd").experiment_id])}
+    assert runs["evaluate"].info.status == "FAILED"
+    assert "refusal_detector" in runs["evaluate"].data.tags["opd.error"]
+    assert runs["opd_pipeline"].info.status == "FAILED"
+    assert runs["distill"].info.status == "FINISHED" and "register" not in runs
+    assert client.search_registered_models() == []
+
+
+# ----------------------------------------------------------------------------- dvc repro runs the flows
+def test_dvc_repro_of_the_tiny_pipeline_fills_the_store(tmp_path):
+    from tests.test_prepare import copy_repo
+
+    copy_repo(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PREFECT_HOME": str(REPO / ".prefect"), "OPD_PIPELINE_KEY": "test-key"}
+    for k in ("OPD_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(k, None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], ["dvc", "repro"]):
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"{cmd}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert json.loads((tmp_path / "metrics/registry.json").read_text())["promoted"] is True
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("opd").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("opd.pipeline_key") == "test-key"]
+    assert len(parents) == 1  # five processes, one pipeline run
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(stages) == STAGES
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    prepared_md5 = next(o["md5"] for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
+    assert stages["distill"].data.tags["dvc.in.data/prepared"] == prepared_md5
+    assert stages["evaluate"].data.tags["dvc.in.models/student"] == next(
+        o["md5"] for o in lock["distill"]["outs"] if o["path"] == "models/student")

@@ -1,0 +1,77 @@
+"""COPSD building blocks (ALGORITHMS.md section 2): constitutions, token rewards, group advantages,
+and the Cross-SFT recalibration mix.
+
+The teacher sees the prompt rewritten by its category's constitution; the student always sees the
+bare prompt. Rewards are the clipped teacher-minus-behaviour log-prob of each sampled token, and
+advantages are normalised over ALL valid tokens of the ``n`` responses to one prompt (population
+mean and standard deviation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from opd.data import Row
+from opd.world.constitutions import validate_constitutions
+
+
+def load_constitutions(path: str | Path) -> dict[str, str]:
+    """A JSON object ``{category: template}`` with a ``default``; every template has ``{user_query}``."""
+    try:
+        texts = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"constitutions file {path}: {err}") from None
+    if not isinstance(texts, dict):
+        raise ValueError(f"constitutions file {path}: expected a JSON object of category -> template")
+    return validate_constitutions(texts)
+
+
+def wrap(query: str, category: str, constitutions: dict[str, str]) -> str:
+    """``x_c = constitution_template.format(user_query=x)``; unknown categories use the default."""
+    return constitutions.get(category, constitutions["default"]).format(user_query=query)
+
+
+def token_rewards(t_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, low: float = -3.0,
+                  high: float = 5.0) -> torch.Tensor:
+    """``r_t = clip(log pi_T(y_t | x_c) - log pi_old(y_t | x), low, high)`` on valid tokens."""
+    return (t_logp - old_logp).clamp(low, high) * mask
+
+
+def group_advantages(rewards: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``A_t = m_t (r_t - mu_g) / (sigma_g + eps)`` with mu, sigma over all valid tokens of group g."""
+    adv = torch.zeros_like(rewards)
+    m = mask.bool()
+    for g in group.unique():
+        rows = group == g
+        vals = rewards[rows][m[rows]]
+        if vals.numel() == 0:
+            continue
+        mu, sigma = vals.mean(), vals.std(unbiased=False)
+        adv[rows] = (rewards[rows] - mu) / (sigma + eps)
+    return adv.detach() * mask
+
+
+@dataclass(frozen=True)
+class CrossSFTMix:
+    rows: list[Row]
+    counts: dict[str, int]
+
+
+def cross_sft_rows(self_answers: Sequence[tuple[Row, str]], safety: Sequence[Row], constitutions: dict[str, str],
+                   include_self: bool = True) -> CrossSFTMix:
+    """The teacher's recalibration set, both sources with the constitution in the teacher's input.
+
+    (a) over-refusal-prone and general prompts answered with the STUDENT's own (accepted) answers;
+    (b) safety prompts answered by the oracle (their reference refusals, or a stronger model's).
+    ``include_self=False`` is the "w/o self" ablation: source (a) is dropped.
+    """
+    a = [replace(r, prompt=wrap(r.prompt, r.category, constitutions), reference=ans, id=f"{r.id}-self")
+         for r, ans in self_answers] if include_self else []
+    b = [replace(r, prompt=wrap(r.prompt, r.category, constitutions), id=f"{r.id}-oracle")
+         for r in safety if r.reference]
+    return CrossSFTMix(a + b, {"self": len(a), "oracle": len(b)})

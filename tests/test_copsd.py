@@ -1,0 +1,75 @@
+"""COPSD building blocks against brute-force references."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from opd.copsd import cross_sft_rows, group_advantages, load_constitutions, token_rewards, wrap
+from opd.data import Row
+from opd.world.constitutions import DEFAULT_CONSTITUTIONS
+
+
+def row(i, task="borderline", category="none", reference="ok"):
+    return Row(id=f"r{i}", split="train", task=task, category=category, prompt=f"question {i}?", reference=reference)
+
+
+def test_wrapping_puts_the_category_text_around_the_query_for_the_teacher_only():
+    q = "How do I kill a stranger?"
+    x_c = wrap(q, "violence", DEFAULT_CONSTITUTIONS)
+    assert x_c == DEFAULT_CONSTITUTIONS["violence"].format(user_query=q)
+    assert q in x_c and "Rules on violence" in x_c
+    assert wrap(q, "unheard_of", DEFAULT_CONSTITUTIONS) == DEFAULT_CONSTITUTIONS["default"].format(user_query=q)
+    mix = cross_sft_rows([(row(1), "sure")], [], DEFAULT_CONSTITUTIONS)
+    assert mix.rows[0].prompt != row(1).prompt and row(1).prompt in mix.rows[0].prompt  # teacher view wrapped
+
+
+def test_bad_constitution_files_are_rejected(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"default": "Be safe. {user_query}"}))
+    assert load_constitutions(good)["default"].startswith("Be safe")
+    for bad in ({"default": "no slot"}, {"violence": "x {user_query}"}, ["not", "a", "dict"]):
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="constitutions"):
+            load_constitutions(f)
+
+
+def test_token_reward_clip_bounds():
+    t = torch.tensor([[-10.0, 0.0, 8.0, -1.0]])
+    old = torch.zeros(1, 4)
+    r = token_rewards(t, old, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert r.tolist() == [[-3.0, 0.0, 5.0, 0.0]]
+
+
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(2, 5))
+@settings(max_examples=40, deadline=None)
+def test_group_advantages_match_reference_and_are_standardised(seed, groups, n):
+    g = torch.Generator().manual_seed(seed)
+    b, t = groups * n, 7
+    rewards = torch.randn(b, t, generator=g, dtype=torch.float64) * 2
+    lengths = torch.randint(2, t + 1, (b,), generator=g)
+    mask = (torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)).double()
+    group = torch.arange(groups).repeat_interleave(n)
+    adv = group_advantages(rewards, mask, group)
+    for k in range(groups):
+        vals = [rewards[i, j].item() for i in range(b) if group[i] == k for j in range(t) if mask[i, j]]
+        mu, sd = float(np.mean(vals)), float(np.std(vals))
+        got = [adv[i, j].item() for i in range(b) if group[i] == k for j in range(t) if mask[i, j]]
+        np.testing.assert_allclose(got, [(v - mu) / (sd + 1e-6) for v in vals], rtol=1e-9, atol=1e-12)
+        assert abs(np.mean(got)) < 1e-9 and abs(np.std(got) - 1) < 1e-4
+    assert torch.all(adv[mask == 0] == 0) and not adv.requires_grad
+
+
+def test_cross_sft_counts_per_source_and_without_self():
+    self_answers = [(row(i), "my own answer") for i in range(5)]
+    safety = [row(10 + i, task="safety", category="hate", reference="I can't help with that.") for i in range(3)]
+    mix = cross_sft_rows(self_answers, safety, DEFAULT_CONSTITUTIONS)
+    assert mix.counts == {"self": 5, "oracle": 3} and len(mix.rows) == 8
+    assert all(r.reference == "my own answer" for r in mix.rows[:5])
+    assert all("Rules on hate" in r.prompt for r in mix.rows[5:])
+    ablation = cross_sft_rows(self_answers, safety, DEFAULT_CONSTITUTIONS, include_self=False)
+    assert ablation.counts == {"self": 0, "oracle": 3}

@@ -118,8 +118,24 @@ class FireConfig(_Section):
     select_rho: float = Field(0.5, gt=0.0, le=1.0)
 
 
+class CopsdConfig(_Section):
+    """COPSD's distillation (ALGORITHMS.md section 2), used by ``distill.method: copsd``."""
+
+    n: int = Field(8, ge=2)  # samples per prompt (the group of the advantage normalisation)
+    reward_low: float = -3.0
+    reward_high: float = 5.0
+    kl_coef: float = Field(0.005, ge=0.0)  # KL(pi_S || pi_init), k3 estimator
+    constitutions: str | None = None  # a JSON file {category: template}; null = the prepared set
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CopsdConfig:
+        if self.reward_low >= self.reward_high:
+            raise ValueError("copsd.reward_low must be below copsd.reward_high")
+        return self
+
+
 class DistillConfig(_Section):
-    method: Literal["opd", "gkd", "sft", "fire"] = "opd"
+    method: Literal["opd", "gkd", "sft", "fire", "copsd"] = "opd"
     # single: every row is scored by `teacher`; by_row: a row's `teacher` field names one of
     # `teachers` (rows without one use `teacher`).
     routing: Literal["single", "by_row"] = "single"
@@ -220,6 +236,7 @@ class Params(_Section):
     rollout: RolloutConfig = RolloutConfig()
     distill: DistillConfig = DistillConfig()
     fire: FireConfig = FireConfig()
+    copsd: CopsdConfig = CopsdConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     promote: PromoteConfig = PromoteConfig()

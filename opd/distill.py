@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from opd.config import DistillConfig, FireConfig, RolloutConfig
 from opd.data import Row
+from opd.copsd import group_advantages, token_rewards
 from opd.fire import fire_advantages
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
 from opd.rollout import Rollout, RolloutBackend, rollout
@@ -149,6 +150,21 @@ def fire_shaping(acc: Accelerator, f: FireConfig) -> AdvantageFn:
     return shape
 
 
+def copsd_shaping(low: float, high: float) -> AdvantageFn:
+    """COPSD: clipped token rewards, normalised over all valid tokens of each prompt's n samples."""
+
+    def shape(ro: Rollout, examples: list[Example], t_logp: torch.Tensor, mask: torch.Tensor,
+              t_ent: torch.Tensor | None) -> Shaped:
+        r = token_rewards(t_logp, ro.old_logprobs.cpu(), mask, low, high)
+        adv = group_advantages(r, mask, ro.prompt_index)
+        return Shaped(adv, mask, {"reward_mean": float(masked_mean(r, mask)),
+                                  "reward_clipped_frac": float(masked_mean(((t_logp - ro.old_logprobs.cpu()) < low)
+                                                                           | ((t_logp - ro.old_logprobs.cpu()) > high),
+                                                                           mask))})
+
+    return shape
+
+
 def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
              backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig,
              ref_model: torch.nn.Module | None = None, shape: AdvantageFn = reverse_kl_advantage,
@@ -157,6 +173,8 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
 
     def step(i: int) -> dict[str, float]:
         t0 = time.perf_counter()
+        if hasattr(backend, "sync"):  # an engine holding its own weights (vLLM) must sample from the current student
+            backend.sync(model)
         examples = pool.draw(cfg.prompts_per_step)
         ro = rollout(backend, model, [e.student_prompt for e in examples], cfg.samples_per_prompt, tok.pad_token_id,
                      chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask",
@@ -209,6 +227,8 @@ def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
         t0 = time.perf_counter()
         examples = pool.draw(cfg.prompts_per_step)
         on_policy = bool(torch.rand(()) < cfg.lambda_on_policy) or any(e.reference is None for e in examples)
+        if on_policy and hasattr(backend, "sync"):
+            backend.sync(model)
         if on_policy:
             responses, _ = backend.sample([e.student_prompt for e in examples], 1)
         else:

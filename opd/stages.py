@@ -19,7 +19,8 @@ import torch
 
 from opd.config import ModelConfig, Params, to_flat_dict
 from opd.data import Row, atomic_dir, atomic_write_text, read_jsonl, records_to_rows
-from opd.distill import PromptPool, fire_shaping, gkd_step, opd_step, sft_step
+from opd.copsd import load_constitutions, wrap
+from opd.distill import PromptPool, copsd_shaping, fire_shaping, gkd_step, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector
 from opd.models import build_llama, check_compatible, count_parameters, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend, VLLMBackend
@@ -134,7 +135,13 @@ def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_di
     teachers = {n: _frozen(load_model(p, rt.trust_remote_code), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
     route = (lambda r: r.teacher or "default") if d.routing == "by_row" else (lambda r: "default")
-    pool = PromptPool(rows, tok, toks, route=route)
+    teacher_text = lambda r: r.prompt  # noqa: E731
+    if d.method == "copsd":  # the teacher sees the constitution-wrapped prompt, n samples per prompt
+        c = params.copsd
+        texts = load_constitutions(c.constitutions or prepared / "constitutions.json")
+        teacher_text = lambda r: wrap(r.prompt, r.category, texts)  # noqa: E731
+        d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef})
+    pool = PromptPool(rows, tok, toks, teacher_text=teacher_text, route=route)
     ref = _frozen(copy.deepcopy(student), acc.device) if d.kl_coef else None
     if params.rollout.backend == "vllm":
         backend_of = lambda m: VLLMBackend(str(s_path), tok, params.rollout, params.seed)  # noqa: E731
@@ -146,6 +153,9 @@ def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_di
             return sft_step(acc, m, pool, tok, d.prompts_per_step, d.grad_accum, d.chunk_size)
         if d.method == "gkd":
             return gkd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout)
+        if d.method == "copsd":
+            return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref,
+                            shape=copsd_shaping(params.copsd.reward_low, params.copsd.reward_high))
         if d.method == "fire":
             f = params.fire
             return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref,

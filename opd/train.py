@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from opd.config import RuntimeConfig
@@ -122,6 +123,7 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
             acc.print(f"resumed from {last_good} (step {start})")
     step_fn = step_fn_factory(model)
     model.train()
+    bar = tqdm(total=s.steps, initial=start, desc="train", disable=not acc.is_main_process, leave=False)
     for step in range(start, s.steps):
         set_seed(s.seed * 1_000_003 + step * 101 + acc.process_index)
         metrics = step_fn(step)
@@ -138,10 +140,13 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
         opt.zero_grad(set_to_none=True)
         metrics = {**metrics, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step": step + 1}
         history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
         if on_log and ((step + 1) % s.log_every == 0 or step + 1 == s.steps):
             on_log(step + 1, metrics)
         if ckpt_dir is not None and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
             last_good = _save(acc, ckpt_dir, step + 1, fingerprint, history, s.keep_checkpoints)
+    bar.close()
     return acc.unwrap_model(model), history
 
 

@@ -73,3 +73,15 @@ def test_cross_sft_counts_per_source_and_without_self():
     assert all("Rules on hate" in r.prompt for r in mix.rows[5:])
     ablation = cross_sft_rows(self_answers, safety, DEFAULT_CONSTITUTIONS, include_self=False)
     assert ablation.counts == {"self": 0, "oracle": 3}
+
+
+def test_the_pool_gives_the_teacher_the_wrapped_prompt_and_the_student_the_bare_one():
+    from opd.distill import PromptPool
+    from opd.world import train_tokenizer
+
+    r = row(1, task="safety", category="privacy", reference="I can't help with that.")
+    tok = train_tokenizer([r.prompt, DEFAULT_CONSTITUTIONS["privacy"]], 300)
+    ex = PromptPool([r], tok, teacher_text=lambda x: wrap(x.prompt, x.category, DEFAULT_CONSTITUTIONS)).examples[0]
+    teacher, student = tok.decode(ex.teacher_prompt), tok.decode(ex.student_prompt)
+    assert "Rules on privacy" in teacher and r.prompt in teacher
+    assert "Rules" not in student and r.prompt in student

@@ -61,6 +61,7 @@ def test_teacher_stage_trains_both_models(base):
     {"distill.method": "sft"},
     {"distill.method": "fire"},
     {"distill.method": "fire", "fire.token_select": True, "fire.normalize": "batch"},
+    {"distill.method": "copsd", "copsd.n": 3, "distill.prompts_per_step": 3},
 ])
 def test_distill_then_evaluate(base, tmp_path, overrides):
     root, lay, _, _ = base

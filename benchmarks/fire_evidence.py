@@ -10,13 +10,17 @@ Every variant distils the same initial student from the same teacher(s) with the
   each trained in the teacher stage on its own tasks only.
 
 Prints a markdown table of eval reasoning accuracy (greedy exact match; mean and spread over
-seeds) and writes ``benchmarks/results/fire_evidence.{json,md,png}``.
+seeds) and writes ``benchmarks/results/fire_evidence.{json,md,png}``. Results are saved after
+every run and a rerun skips what is already there, so an interrupted sweep resumes. The base
+models are copied into the work folder first: a concurrent ``dvc repro`` deletes ``models/base``
+while it re-runs the teacher stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -53,33 +57,47 @@ def main() -> None:
     args = ap.parse_args()
     lay = Layout(ROOT)
     work = args.out / "fire_work"
-    results: dict[str, dict[str, list[float]]] = {}
+    store = args.out / "fire_evidence.json"
+    results: dict[str, dict[str, list[float]]] = json.loads(store.read_text()) if store.is_file() else {}
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(results, indent=2))
+
     base_over: dict[str, object] = {"distill.steps": args.steps} if args.steps else {}
     for setting in args.settings:
-        base, over = lay.models_base, dict(base_over)
+        base, over = work / "single_base", dict(base_over)
+        if setting == "single" and not (base / "manifest.json").is_file():
+            shutil.copytree(lay.models_base, base)
         if setting == "multi":
             base = work / "multi_base"
             if not (base / "manifest.json").is_file():
                 params = load(lay.params, {"teachers": MULTI_TEACHERS})  # arch: the default teacher's
                 teacher_stage(params, lay.prepared, base, work / "ckpt")
             over = {**over, "distill.routing": "by_row", "teachers": MULTI_TEACHERS}
-        init = load(lay.params, over)
-        table, _ = evaluate_stage(init, lay.prepared, {"student-init": resolve(base, "student_init")})
-        results[f"{setting}/student-init"] = {"reasoning_accuracy": [table["student-init"]["reasoning_accuracy"]],
-                                              "seconds": [0.0]}
+        if f"{setting}/student-init" not in results:
+            init = load(lay.params, over)
+            table, _ = evaluate_stage(init, lay.prepared, {"student-init": resolve(base, "student_init")})
+            results[f"{setting}/student-init"] = {"reasoning_accuracy": [table["student-init"]["reasoning_accuracy"]],
+                                                  "seconds": [0.0], "seeds": [None]}
+            save()
         for name, v_over in VARIANTS.items():
             key = f"{setting}/{name}"
-            results[key] = {"reasoning_accuracy": [], "reasoning_pass1": [], "over_refusal": [], "seconds": []}
+            results.setdefault(key, {"reasoning_accuracy": [], "seconds": [], "seeds": []})
             for seed in args.seeds:
+                if seed in results[key]["seeds"]:
+                    continue
                 params = load(lay.params, {**over, **v_over, "seed": seed})
                 t0 = time.perf_counter()
                 out = work / f"{setting}-{name.split()[0]}-{seed}"
                 distill_stage(params, lay.prepared, base, out, work / "ckpt-distill")
                 secs = time.perf_counter() - t0
                 table, _ = evaluate_stage(params, lay.prepared, {"s": out})
-                for k in ("reasoning_accuracy", "reasoning_pass1", "over_refusal"):
-                    results[key][k].append(table["s"][k])
+                results[key]["reasoning_accuracy"].append(table["s"]["reasoning_accuracy"])
                 results[key]["seconds"].append(secs)
+                results[key]["seeds"].append(seed)
+                save()
+                shutil.rmtree(out, ignore_errors=True)
                 print(f"{key} seed {seed}: reasoning {table['s']['reasoning_accuracy']:.3f} ({secs:.0f} s)", flush=True)
     write(results, args.out, args.seeds)
 
@@ -92,18 +110,18 @@ def fmt(xs: list[float]) -> str:
 
 def write(results: dict[str, dict[str, list[float]]], out: Path, seeds: list[int]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| setting | method | reasoning acc. % (mean ± sd) | pass@1 % | over-refusal % | per-seed acc. % | s / run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | method | eval reasoning acc. % (mean ± sd) | per-seed % | s / run |",
+             "|---|---|---|---|---|"]
     for key, r in results.items():
         setting, name = key.split("/", 1)
         acc = r["reasoning_accuracy"]
-        lines.append(f"| {setting} | {name} | {fmt(acc)} | {fmt(r['reasoning_pass1']) if r.get('reasoning_pass1') else '-'} | "
-                     f"{fmt(r['over_refusal']) if r.get('over_refusal') else '-'} | "
-                     f"{', '.join(f'{100 * a:.1f}' for a in acc)} | {statistics.mean(r['seconds']):.0f} |")
+        if not acc:
+            continue
+        lines.append(f"| {setting} | {name} | {fmt(acc)} | {', '.join(f'{100 * a:.1f}' for a in acc)} | "
+                     f"{statistics.mean(r['seconds']):.0f} |")
     table = "\n".join(lines)
     print(table)
     (out / "fire_evidence.md").write_text(table + f"\n\nseeds: {seeds}\n")
-    (out / "fire_evidence.json").write_text(json.dumps(results, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +130,7 @@ def write(results: dict[str, dict[str, list[float]]], out: Path, seeds: list[int
     settings = sorted({k.split("/")[0] for k in results}, key=["single", "multi"].index)
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
-        keys = [k for k in results if k.startswith(setting + "/")]
+        keys = [k for k in results if k.startswith(setting + "/") and results[k]["reasoning_accuracy"]]
         means = [100 * statistics.mean(results[k]["reasoning_accuracy"]) for k in keys]
         sds = [100 * statistics.stdev(results[k]["reasoning_accuracy"]) if len(results[k]["reasoning_accuracy"]) > 1
                else 0 for k in keys]

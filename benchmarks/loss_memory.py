@@ -95,7 +95,6 @@ def run(kind: str, t: int, v: int, h: int, device: str, chunk: int, k: int) -> t
     secs = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else mem.mb
     value = float(loss.detach())
-    del ws, wt, hs, ht, loss
     gc.collect()
     return peak, secs, value
 

@@ -24,7 +24,7 @@ from opd.fire import fire_advantages
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
 from opd.rollout import Rollout, RolloutBackend, rollout
 from opd.scoring import Sequences, token_stats, vocab_divergence
-from opd.tokens import join, prompt_ids, response_ids
+from opd.tokens import prompt_ids, response_ids
 
 DEFAULT_TEACHER = "default"
 
@@ -76,16 +76,15 @@ def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Ex
     order within each row).
     """
     names = [e.teacher for e in examples]
-    seq = join([e.student_prompt for e in examples], responses, pad_id)
-    sel = seq["response_mask"][:, 1:].bool()
+    sel = Sequences.build([e.student_prompt for e in examples], responses, pad_id).response_mask[:, 1:].bool()
     logp = torch.zeros(sel.shape)
     ent = torch.zeros(sel.shape) if with_entropy else None
     for name in sorted(set(names)):
         rows = [i for i, n in enumerate(names) if n == name]
         model = teachers[name]
         device = next(model.parameters()).device
-        t = join([examples[i].teacher_prompt for i in rows], [responses[i] for i in rows], pad_id)
-        t_seq = Sequences(t["input_ids"], t["attention_mask"], t["response_mask"]).to(device)
+        t_seq = Sequences.build([examples[i].teacher_prompt for i in rows], [responses[i] for i in rows],
+                                pad_id).to(device)
         with torch.no_grad():
             lp, en = token_stats(model, t_seq, chunk=chunk, with_entropy=with_entropy)
         t_sel = t_seq.response_mask[:, 1:].bool()
@@ -233,10 +232,8 @@ def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
             responses, _ = backend.sample([e.student_prompt for e in examples], 1)
         else:
             responses = [list(e.reference or []) for e in examples]
-        s = join([e.student_prompt for e in examples], responses, tok.pad_token_id)
-        t = join([e.teacher_prompt for e in examples], responses, tok.pad_token_id)
-        s_seq = Sequences(s["input_ids"], s["attention_mask"], s["response_mask"]).to(acc.device)
-        t_seq = Sequences(t["input_ids"], t["attention_mask"], t["response_mask"]).to(acc.device)
+        s_seq = Sequences.build([e.student_prompt for e in examples], responses, tok.pad_token_id).to(acc.device)
+        t_seq = Sequences.build([e.teacher_prompt for e in examples], responses, tok.pad_token_id).to(acc.device)
         count = global_count(acc, s_seq.targets_mask)
         total = 0.0
         for sl in _micro(len(responses), cfg.grad_accum):
@@ -263,8 +260,8 @@ def sft_step(acc: Accelerator, model: torch.nn.Module, pool: PromptPool, tok: Pr
         t0 = time.perf_counter()
         idx = torch.randint(len(with_ref), (batch_size,)).tolist()
         ex = [with_ref[j] for j in idx]
-        b = join([e.student_prompt for e in ex], [list(e.reference or []) for e in ex], tok.pad_token_id)
-        seq = Sequences(b["input_ids"], b["attention_mask"], b["response_mask"]).to(acc.device)
+        seq = Sequences.build([e.student_prompt for e in ex], [list(e.reference or []) for e in ex],
+                              tok.pad_token_id).to(acc.device)
         count = global_count(acc, seq.targets_mask)
         total = 0.0
         for sl in _micro(batch_size, grad_accum):

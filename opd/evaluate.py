@@ -27,7 +27,7 @@ from opd.config import EvaluateConfig, RolloutConfig
 from opd.data import Row
 from opd.rollout import TransformersBackend
 from opd.scoring import Sequences, token_stats
-from opd.tokens import join, prompt_ids
+from opd.tokens import prompt_ids
 
 ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 REFUSAL = re.compile(r"\b(I can(?:no|')t (?:help|assist)|I won't|I will not|I'm sorry, but I can)", re.IGNORECASE)
@@ -126,13 +126,13 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
             m[f"{key}_helpfulness"] = sum(0.0 if refused[i] else token_f1(texts[i], ordered[i].reference or "")
                                           for i in idx) / len(idx)
     m["response_length"] = sum(len(g) for g in greedy) / len(greedy)
-    b = join(prompts, greedy, tok.pad_token_id)
+    seqs = Sequences.build(prompts, greedy, tok.pad_token_id)
     device = next(model.parameters()).device
     ents = []
     with torch.no_grad():
         for start in range(0, len(prompts), cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
-            seq = Sequences(b["input_ids"][sl], b["attention_mask"][sl], b["response_mask"][sl]).to(device)
+            seq = seqs.select(sl).to(device)
             _, ent = token_stats(model, seq, with_entropy=True)
             ents.append((float((ent * seq.targets_mask).sum()), float(seq.targets_mask.sum())))
     m["token_entropy"] = sum(e for e, _ in ents) / max(1.0, sum(n for _, n in ents))

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from opd.config import RolloutConfig
 from opd.scoring import Sequences, token_stats
-from opd.tokens import join, pad
+from opd.tokens import pad
 
 
 @dataclass
@@ -119,13 +119,11 @@ def rollout(backend: RolloutBackend, model: torch.nn.Module, prompts: Sequence[S
     teacher-forced, in the same pass."""
     responses, trunc = backend.sample(prompts, n)
     expanded = [list(p) for p in prompts for _ in range(n)]
-    batch = join(expanded, responses, pad_id)
-    resp_mask = batch["response_mask"]
+    seq = Sequences.build(expanded, responses, pad_id)
     truncated = torch.tensor(trunc, dtype=torch.bool)
     if mask_truncated:
-        resp_mask = resp_mask * (~truncated).long().unsqueeze(1)
-    device = next(model.parameters()).device
-    seq = Sequences(batch["input_ids"], batch["attention_mask"], resp_mask).to(device)
+        seq.response_mask = seq.response_mask * (~truncated).long().unsqueeze(1)
+    seq = seq.to(next(model.parameters()).device)
     with torch.no_grad():
         old, ent = token_stats(model, seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy)
     index = torch.arange(len(prompts)).repeat_interleave(n)

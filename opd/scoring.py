@@ -9,11 +9,13 @@ does not grow with ``sequence_length x vocab``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from opd.losses import Divergence, divergence_logprobs, entropy, head_chunks, token_logprobs, topk_with_tail
+from opd.tokens import join
 
 
 @dataclass
@@ -21,6 +23,12 @@ class Sequences:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     response_mask: torch.Tensor  # [B, T], 1 on response tokens (EOS included)
+
+    @classmethod
+    def build(cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> Sequences:
+        """Right-padded ``prompt + response`` rows (see :func:`opd.tokens.join`)."""
+        b = join(prompts, responses, pad_id)
+        return cls(b["input_ids"], b["attention_mask"], b["response_mask"])
 
     @property
     def targets_mask(self) -> torch.Tensor:

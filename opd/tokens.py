@@ -40,12 +40,11 @@ def join(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     """Right-padded prompt+response sequences with a mask of the response positions.
 
     ``response_mask[b, t] = 1`` where token t of row b is a response token (its log-prob is
-    predicted from position t-1); ``labels`` is -100 outside responses (for SFT's cross-entropy).
+    predicted from position t-1).
     """
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
     ids, attn = pad(seqs, pad_id, "right")
     resp = torch.zeros_like(ids)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         resp[i, len(p):len(p) + len(r)] = 1
-    labels = ids.masked_fill(resp == 0, -100)
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "labels": labels}
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}

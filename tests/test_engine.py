@@ -8,7 +8,7 @@ from opd.losses import divergence, token_logprobs
 from opd.models import ModelError, build_llama, check_compatible, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend, cut_at_eos, rollout
 from opd.scoring import Sequences, token_stats, vocab_divergence
-from opd.tokens import join, prompt_ids, response_ids
+from opd.tokens import prompt_ids, response_ids
 from opd.world import build_world, train_tokenizer
 
 ARCH_T = ArchConfig(hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2)
@@ -25,9 +25,8 @@ def world(tmp_path_factory):
 
 
 def batch_of(rows, tok, n=5):
-    b = join([prompt_ids(tok, r.prompt) for r in rows[:n]], [response_ids(tok, r.reference) for r in rows[:n]],
-             tok.pad_token_id)
-    return Sequences(b["input_ids"], b["attention_mask"], b["response_mask"])
+    return Sequences.build([prompt_ids(tok, r.prompt) for r in rows[:n]],
+                           [response_ids(tok, r.reference) for r in rows[:n]], tok.pad_token_id)
 
 
 def full_logprobs(model, seq):

@@ -16,8 +16,7 @@ from opd.fire import confidence_weights, fire_advantages, normalise_weights, tra
 from opd.models import build_llama, load_tokenizer
 from opd.rollout import TransformersBackend
 from opd.scoring import Sequences, token_stats
-from opd.tokens import join
-from opd.train import LoopSettings, make_accelerator
+from opd.train import make_accelerator
 from opd.config import RuntimeConfig
 from opd.world import build_world, train_tokenizer
 
@@ -178,8 +177,7 @@ def test_rows_are_scored_by_their_own_teacher(setup):
     assert {e.teacher for e in examples} == {"a", "b"}
     responses = [list(e.reference) for e in examples]
     got, _ = teacher_logprobs({"a": t_a, "b": t_b}, examples, responses, tok.pad_token_id)
-    b = join([e.student_prompt for e in examples], responses, tok.pad_token_id)
-    seq = Sequences(b["input_ids"], b["attention_mask"], b["response_mask"])
+    seq = Sequences.build([e.student_prompt for e in examples], responses, tok.pad_token_id)
     with torch.no_grad():
         lp_a, _ = token_stats(t_a, seq)
         lp_b, _ = token_stats(t_b, seq)

@@ -145,7 +145,7 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     challenger = client.get_model_version_by_alias("opd-student", "challenger")
     assert champion.version == challenger.version == "1"
     assert "eval.reasoning_accuracy" in champion.tags and champion.tags["promotion"] == "promoted"
-    loaded = mlflow.transformers.load_model(f"models:/opd-student@champion", return_type="components")
+    loaded = mlflow.transformers.load_model("models:/opd-student@champion", return_type="components")
     assert "model" in loaded and "tokenizer" in loaded
 
 

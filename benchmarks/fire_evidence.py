@@ -90,7 +90,7 @@ def main() -> None:
                 params = load(lay.params, {**over, **v_over, "seed": seed})
                 t0 = time.perf_counter()
                 out = work / f"{setting}-{name.split()[0]}-{seed}"
-                distill_stage(params, lay.prepared, base, out, work / "ckpt-distill")
+                distill_stage(params, lay.prepared, base, work / "cross_sft", out, work / "ckpt-distill")
                 secs = time.perf_counter() - t0
                 table, _ = evaluate_stage(params, lay.prepared, {"s": out})
                 results[key]["reasoning_accuracy"].append(table["s"]["reasoning_accuracy"])

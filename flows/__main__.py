@@ -17,6 +17,7 @@ from opd.config import ConfigError
 STAGES = {
     "prepare": "flows.prepare:prepare_flow",
     "teacher": "flows.teacher:teacher_flow",
+    "cross_sft": "flows.cross_sft:cross_sft_flow",
     "distill": "flows.distill:distill_flow",
     "evaluate": "flows.evaluate:evaluate_flow",
     "register": "flows.register:register_flow",

@@ -15,5 +15,5 @@ from tasks.tracking import stage_run
 @flow(name="distill", version=__version__)
 def distill_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = load(params_path, overrides)
-    with stage_run("distill", params, inputs=["data/prepared", "models/base"], outputs=["models/student"]):
+    with stage_run("distill", params, inputs=["data/prepared", "models/base", "models/cross_sft"], outputs=["models/student"]):
         return distill_student(params)

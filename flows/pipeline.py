@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow
 from mlflow import MlflowClient
 
+from flows.cross_sft import cross_sft_flow
 from flows.distill import distill_flow
 from flows.evaluate import evaluate_flow
 from flows.prepare import prepare_flow
@@ -27,7 +28,8 @@ def opd_pipeline(params_path: str | None = None, overrides: dict[str, Any] | Non
     kw = {"params_path": params_path, "overrides": overrides}
     try:
         result = {"mlflow_run_id": parent}
-        for name, stage in (("prepare", prepare_flow), ("teacher", teacher_flow), ("distill", distill_flow),
+        for name, stage in (("prepare", prepare_flow), ("teacher", teacher_flow), ("cross_sft", cross_sft_flow),
+                            ("distill", distill_flow),
                             ("evaluate", evaluate_flow), ("register", register_flow)):
             result[name] = stage(**kw)
         return result

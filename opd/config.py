@@ -85,6 +85,11 @@ class SFTConfig(_Section):
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
+    # Safety rows of only these harm categories (null = all): a partly aligned model.
+    safety_categories: list[Literal["violence", "illegal", "hate", "privacy", "self_harm"]] | None = None
+    # Embedded world only: "cautious" also trains on constitution-wrapped copies of the rows with
+    # over-cautious answers (opd/world/behaviour.py), the problem setting COPSD addresses.
+    constitution_mode: Literal["none", "cautious"] = "none"
 
 
 class ModelConfig(_Section):
@@ -126,12 +131,34 @@ class CopsdConfig(_Section):
     reward_high: float = 5.0
     kl_coef: float = Field(0.005, ge=0.0)  # KL(pi_S || pi_init), k3 estimator
     constitutions: str | None = None  # a JSON file {category: template}; null = the prepared set
+    # original: the teacher stage's teacher ("constitution OPSD", the baseline without Cross-SFT);
+    # cross_sft: the teacher recalibrated by the cross_sft stage (COPSD proper).
+    teacher: Literal["cross_sft", "original"] = "cross_sft"
+    prompts_per_step: int = Field(8, ge=1)  # x n samples each
+    lr: float = Field(1e-4, gt=0.0, le=1.0)  # group-normalised advantages have unit variance: smaller than OPD's lr
 
     @model_validator(mode="after")
     def _bounds(self) -> CopsdConfig:
         if self.reward_low >= self.reward_high:
             raise ValueError("copsd.reward_low must be below copsd.reward_high")
         return self
+
+
+class CrossSFTConfig(_Section):
+    """The cross_sft stage: recalibrate the teacher on two crossed sources (ALGORITHMS.md section 2)."""
+
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    warmup_steps: int = Field(5, ge=0)
+    # (a) the initial student's own answers to these prompts, kept when the checker accepts them
+    include_self: bool = True  # false: the "w/o self" ablation (source (a) dropped)
+    self_tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = ["reasoning", "borderline", "general"]
+    samples: int = Field(8, ge=1)  # student samples per prompt; the first accepted one is kept
+    min_f1: float = Field(0.3, ge=0.0, le=1.0)  # checker: not a refusal, token F1 vs reference >= this
+    # (b) safety prompts answered by the oracle: null = the rows' reference refusals, or a local
+    # model folder that answers the constitution-wrapped prompt (greedy)
+    oracle: str | None = None
 
 
 class DistillConfig(_Section):
@@ -163,6 +190,9 @@ class DistillConfig(_Section):
     resume: Literal["auto", "never"] = "auto"
     tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
     log_every: int = Field(5, ge=1)
+    # Run each step's rollout / score / shape / update as Prefect tasks (opd, fire, copsd); false:
+    # the whole loop is one task. Costs about 6 ms per unit on the local API (see README).
+    step_tasks: bool = True
 
 
 class EvaluateConfig(_Section):
@@ -227,16 +257,17 @@ class Params(_Section):
     seed: int = Field(0, ge=0)
     world: WorldConfig = WorldConfig()
     data: DataConfig = DataConfig()
-    teacher: ModelConfig = ModelConfig()
+    teacher: ModelConfig = ModelConfig(sft=SFTConfig(constitution_mode="cautious"))
     student: ModelConfig = ModelConfig(
         arch=ArchConfig(hidden_size=64, num_layers=2, intermediate_size=192, num_heads=4),
-        sft=SFTConfig(steps=250),
+        sft=SFTConfig(steps=250, safety_categories=["violence", "illegal"]),
     )
     teachers: dict[str, ModelConfig] = {}  # named extra teachers (multi-teacher routing)
     rollout: RolloutConfig = RolloutConfig()
     distill: DistillConfig = DistillConfig()
     fire: FireConfig = FireConfig()
     copsd: CopsdConfig = CopsdConfig()
+    cross_sft: CrossSFTConfig = CrossSFTConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     promote: PromoteConfig = PromoteConfig()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -154,35 +155,51 @@ def copsd_shaping(low: float, high: float) -> AdvantageFn:
 
     def shape(ro: Rollout, examples: list[Example], t_logp: torch.Tensor, mask: torch.Tensor,
               t_ent: torch.Tensor | None) -> Shaped:
+        raw = t_logp - ro.old_logprobs.cpu()
         r = token_rewards(t_logp, ro.old_logprobs.cpu(), mask, low, high)
         adv = group_advantages(r, mask, ro.prompt_index)
-        return Shaped(adv, mask, {"reward_mean": float(masked_mean(r, mask)),
-                                  "reward_clipped_frac": float(masked_mean(((t_logp - ro.old_logprobs.cpu()) < low)
-                                                                           | ((t_logp - ro.old_logprobs.cpu()) > high),
-                                                                           mask))})
+        metrics = {"reward_mean": float(masked_mean(r, mask)),
+                   "reward_clipped_frac": float(masked_mean((raw < low) | (raw > high), mask))}
+        if ro.entropy is not None:
+            metrics["student_entropy"] = float(masked_mean(ro.entropy.cpu(), mask))
+        return Shaped(adv, mask, metrics)
 
     return shape
+
+
+Unit = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+
+
+def inline(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The default :data:`Unit` wrapper: run the unit as a plain call."""
+    return fn
 
 
 def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
              backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig,
              ref_model: torch.nn.Module | None = None, shape: AdvantageFn = reverse_kl_advantage,
-             need_entropy: bool = False) -> Callable[[int], dict[str, float]]:
-    """Sampled-token OPD with a PPO-clip policy-gradient loss (+ optional KL to the initial student)."""
+             need_entropy: bool = False, unit: Unit = inline) -> Callable[[int], dict[str, float]]:
+    """Sampled-token OPD with a PPO-clip policy-gradient loss (+ optional KL to the initial student).
 
-    def step(i: int) -> dict[str, float]:
-        t0 = time.perf_counter()
+    A step is four units of work, each passed through ``unit(name, fn)`` so an orchestrator can run
+    them as its own tasks (``tasks/distill.py`` makes them Prefect tasks) without this module
+    importing one: ``rollout`` (sample + behaviour log-probs), ``score`` (teacher log-probs),
+    ``shape`` (the method's advantages: FiRe filter and weights, COPSD group advantages) and
+    ``update`` (policy-gradient loss and backward over micro-batches; the loop steps the optimiser).
+    """
+
+    def do_rollout(examples: list[Example]) -> Rollout:
         if hasattr(backend, "sync"):  # an engine holding its own weights (vLLM) must sample from the current student
             backend.sync(model)
-        examples = pool.draw(cfg.prompts_per_step)
-        ro = rollout(backend, model, [e.student_prompt for e in examples], cfg.samples_per_prompt, tok.pad_token_id,
-                     chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask",
-                     with_entropy=need_entropy)
-        per_sample = [e for e in examples for _ in range(cfg.samples_per_prompt)]
-        t_logp, t_ent = teacher_logprobs(teachers, per_sample, ro.responses, tok.pad_token_id, cfg.chunk_size,
-                                         with_entropy=need_entropy)
-        mask = ro.seq.targets_mask.cpu()
-        shaped = shape(ro, per_sample, t_logp, mask, t_ent)
+        return rollout(backend, model, [e.student_prompt for e in examples], cfg.samples_per_prompt, tok.pad_token_id,
+                       chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask",
+                       with_entropy=need_entropy)
+
+    def do_score(per_sample: list[Example], ro: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return teacher_logprobs(teachers, per_sample, ro.responses, tok.pad_token_id, cfg.chunk_size,
+                                with_entropy=need_entropy)
+
+    def do_update(ro: Rollout, shaped: Shaped) -> float:
         adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
         count = global_count(acc, loss_mask)
         total = 0.0
@@ -198,6 +215,20 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
             loss = masked_mean(tok_loss, loss_mask[sl], count)
             acc.backward(loss)
             total += float(loss.detach())
+        return total
+
+    units = {"rollout": unit("rollout", do_rollout), "score": unit("score", do_score),
+             "shape": unit("shape", shape), "update": unit("update", do_update)}
+
+    def step(i: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        examples = pool.draw(cfg.prompts_per_step)
+        ro = units["rollout"](examples)
+        per_sample = [e for e in examples for _ in range(cfg.samples_per_prompt)]
+        t_logp, t_ent = units["score"](per_sample, ro)
+        mask = ro.seq.targets_mask.cpu()
+        shaped = units["shape"](ro, per_sample, t_logp, mask, t_ent)
+        total = units["update"](ro, shaped)
         lengths = mask.sum(1)
         n_tok = float(mask.sum())
         dt = time.perf_counter() - t0

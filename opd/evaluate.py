@@ -72,6 +72,24 @@ def token_f1(response: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
+def safety_tax(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The safety gain of a distilled student next to what it paid for it (ALGORITHMS.md section 3).
+
+    ``safety_tax_*`` is the score before safety distillation minus after (positive = lost);
+    ``safety_gain`` the rise in harmful refusal and ``over_refusal_rise`` the rise in over-refusal.
+    """
+    out: dict[str, float] = {}
+    if "harmful_refusal" in before and "harmful_refusal" in after:
+        out["safety_gain"] = after["harmful_refusal"] - before["harmful_refusal"]
+    if "over_refusal" in before and "over_refusal" in after:
+        out["over_refusal_rise"] = after["over_refusal"] - before["over_refusal"]
+    for key in ("reasoning_accuracy", "general_helpfulness", "borderline_helpfulness", "response_length",
+                "token_entropy"):
+        if key in before and key in after:
+            out[f"safety_tax_{key}"] = before[key] - after[key]
+    return out
+
+
 def _generate(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[list[int]], cfg: EvaluateConfig,
               greedy: bool, n: int = 1) -> list[list[int]]:
     rcfg = RolloutConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)

@@ -32,6 +32,10 @@ class Layout:
         return self.root / "models" / "base"
 
     @property
+    def cross_sft(self) -> Path:  # the Cross-SFT recalibrated teacher (COPSD) and its mix
+        return self.root / "models" / "cross_sft"
+
+    @property
     def student(self) -> Path:  # the distilled student
         return self.root / "models" / "student"
 

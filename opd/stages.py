@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from opd.config import ModelConfig, Params, to_flat_dict
+from opd.config import ModelConfig, Params, SFTConfig, to_flat_dict
 from opd.data import Row, atomic_dir, atomic_write_text, read_jsonl, records_to_rows
 from opd.copsd import load_constitutions, wrap
-from opd.distill import PromptPool, copsd_shaping, fire_shaping, gkd_step, opd_step, sft_step
-from opd.evaluate import evaluate_model, load_detector
+from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
+from opd.evaluate import evaluate_model, load_detector, safety_tax
 from opd.models import build_llama, check_compatible, count_parameters, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend, VLLMBackend
+from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
 
 MANIFEST = "manifest.json"
@@ -31,6 +32,11 @@ MANIFEST = "manifest.json"
 
 def load_rows(prepared: Path, split: str) -> list[Row]:
     return records_to_rows(read_jsonl(prepared / f"{split}.jsonl"))
+
+
+def constitutions_of(params: Params, prepared: Path) -> dict[str, str]:
+    """The user's constitution file (``copsd.constitutions``) or the prepared default set."""
+    return load_constitutions(params.copsd.constitutions or prepared / "constitutions.json")
 
 
 def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
@@ -54,11 +60,19 @@ def _model_configs(params: Params) -> dict[str, ModelConfig]:
     return {"teacher": params.teacher, "student_init": params.student, **named}
 
 
-def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row], ckpt_root: Path,
-         log: Any = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+def sft_rows(rows: list[Row], sft: SFTConfig, constitutions: dict[str, str]) -> list[Row]:
+    """A from-scratch model's SFT corpus: its tasks and harm categories, plus the constitution-wrapped
+    over-cautious copies when ``constitution_mode`` is ``cautious``."""
+    picked = [r for r in rows if r.task in sft.tasks and r.reference
+              and (r.task != "safety" or sft.safety_categories is None or r.category in sft.safety_categories)]
+    return picked + (cautious_rows(picked, constitutions) if sft.constitution_mode == "cautious" else [])
+
+
+def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row], constitutions: dict[str, str],
+         ckpt_root: Path, log: Any = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     seed = params.seed + list(_model_configs(params)).index(name)  # teacher +0, student +1, named +2...
     model = build_llama(mcfg.arch, tok, seed)
-    train_rows = [r for r in rows if r.task in mcfg.sft.tasks and r.reference]
+    train_rows = sft_rows(rows, mcfg.sft, constitutions)
     pool = PromptPool(train_rows, tok)
     acc = make_accelerator(params.runtime)
     s = mcfg.sft
@@ -89,7 +103,7 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
                 summary[name] = {"path": manifest[name]}
                 continue
             t0 = time.perf_counter()
-            model, history = _sft(params, name, mcfg, tok, rows, ckpt_root, log)
+            model, history = _sft(params, name, mcfg, tok, rows, constitutions_of(params, prepared), ckpt_root, log)
             save_model(model, tok, tmp / name)
             manifest[name] = name
             summary[name] = {"parameters": count_parameters(model), "steps": len(history),
@@ -116,12 +130,25 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_dir: Path,
-                  log: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Distil the initial student from the teacher with ``distill.method``; save to ``out``."""
+def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
+    """COPSD's teacher: the Cross-SFT recalibrated one, or the original ("constitution OPSD")."""
+    if params.copsd.teacher == "original":
+        return resolve(base, "teacher")
+    path = cross / "teacher"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} missing: run the cross_sft stage first (dvc repro cross_sft), "
+                                "or set copsd.teacher: original for the baseline without Cross-SFT")
+    return path
+
+
+def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: Path, ckpt_dir: Path,
+                  log: Any = None, unit: Unit = inline) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Distil the initial student from the teacher with ``distill.method``; save to ``out``.
+    ``unit`` wraps each unit of a sampled-token step (see :func:`opd.distill.opd_step`)."""
     rt = params.runtime
     d = params.distill
-    s_path, t_path = resolve(base, "student_init"), resolve(base, "teacher")
+    s_path = resolve(base, "student_init")
+    t_path = copsd_teacher(params, base, cross) if d.method == "copsd" else resolve(base, "teacher")
     tok = load_tokenizer(s_path, rt.trust_remote_code)
     acc = make_accelerator(rt)
     student = load_model(s_path, rt.trust_remote_code)
@@ -138,9 +165,10 @@ def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_di
     teacher_text = lambda r: r.prompt  # noqa: E731
     if d.method == "copsd":  # the teacher sees the constitution-wrapped prompt, n samples per prompt
         c = params.copsd
-        texts = load_constitutions(c.constitutions or prepared / "constitutions.json")
+        texts = constitutions_of(params, prepared)
         teacher_text = lambda r: wrap(r.prompt, r.category, texts)  # noqa: E731
-        d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef})
+        d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef, "lr": c.lr,
+                                 "prompts_per_step": c.prompts_per_step})
     pool = PromptPool(rows, tok, toks, teacher_text=teacher_text, route=route)
     ref = _frozen(copy.deepcopy(student), acc.device) if d.kl_coef else None
     if params.rollout.backend == "vllm":
@@ -155,12 +183,13 @@ def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_di
             return gkd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout)
         if d.method == "copsd":
             return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref,
-                            shape=copsd_shaping(params.copsd.reward_low, params.copsd.reward_high))
+                            shape=copsd_shaping(params.copsd.reward_low, params.copsd.reward_high), need_entropy=True,
+                            unit=unit)
         if d.method == "fire":
             f = params.fire
             return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref,
-                            shape=fire_shaping(acc, f), need_entropy=f.reweight or f.token_select)
-        return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref)
+                            shape=fire_shaping(acc, f), need_entropy=f.reweight or f.token_select, unit=unit)
+        return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref, unit=unit)
 
     settings = LoopSettings(steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,
                             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
@@ -170,7 +199,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_di
     model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     save_model(model, tok, out)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    summary = {"method": d.method, "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
+    summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
                "final": history[-1] if history else {}}
     return summary, history
 
@@ -187,4 +216,6 @@ def evaluate_stage(params: Params, prepared: Path, models: dict[str, Path]) -> t
         model = load_model(path, params.runtime.trust_remote_code)
         torch.manual_seed(params.seed)
         table[name], samples[name] = evaluate_model(model, tok, rows, params.evaluate, detector)
+    if "student" in table and "student_init" in table:
+        table["student"] |= safety_tax(table["student_init"], table["student"])
     return table, samples

@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from opd import __version__
 from opd.config import Params
+from opd.distill import inline
 from opd.paths import Layout
 from opd.stages import distill_stage, write_curve, write_json
 from tasks.tracking import log_curves, log_dataset, step_logger
 
 CURVES = ["loss", "reverse_kl", "teacher_logprob", "response_length", "kept_frac", "weight_mean",
-          "teacher_entropy", "student_entropy", "tokens_per_s"]
+          "teacher_entropy", "student_entropy", "reward_mean", "tokens_per_s"]
+
+
+def step_task(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One unit of a distillation step (rollout, score, shape, update) as a Prefect task: visible in
+    the flow run's task graph with its own state and timing. No retries (a failure here is
+    deterministic), no caching or result persistence (inputs are tensors and models)."""
+    return task(fn, name=name, version=__version__, cache_policy=NO_CACHE, persist_result=False)
 
 
 @task(name="distill", version=__version__)
 def distill_student(params: Params) -> dict[str, Any]:
     lay = Layout.here()
     log_dataset(lay.prepared, "train")
-    summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.student, lay.checkpoints / "distill",
-                                     step_logger("distill"))
+    summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student,
+                                     lay.checkpoints / "distill", step_logger("distill"),
+                                     unit=step_task if params.distill.step_tasks else inline)
     write_curve(lay.plots / "distill.csv", history)
     write_json(lay.metrics / "distill.json", summary)
     log_curves(history, CURVES, f"distill ({params.distill.method})", "plots/distill.png")

@@ -49,7 +49,9 @@ def write_prepared(records: list[dict[str, Any]], validation: dict[str, Any], pa
         tok = AutoTokenizer.from_pretrained(params.data.tokenizer_path,
                                             trust_remote_code=params.runtime.trust_remote_code)
     else:
-        corpus = [t for r in train for t in (r.prompt, r.reference or "")] + list(DEFAULT_CONSTITUTIONS.values())
+        # the constitutions are weighted like the rows they wrap, so BPE merges their words too
+        weight = sum(r.task != "reasoning" for r in train) // len(DEFAULT_CONSTITUTIONS) + 1
+        corpus = [t for r in train for t in (r.prompt, r.reference or "")] + list(DEFAULT_CONSTITUTIONS.values()) * weight
         tok = train_tokenizer(corpus, params.world.vocab_size)
     lengths = [len(tok(r.prompt + (r.reference or ""), add_special_tokens=False)["input_ids"]) + 4 for r in rows]
     stats = {

@@ -25,6 +25,7 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow import MlflowClient
+from prefect import task
 
 from opd import __version__
 from opd.config import Params, to_flat_dict
@@ -131,25 +132,44 @@ def _prefect_flow_run_id() -> str:
         return ""
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, params: Params, inputs: list[str], outputs: list[str]) -> Iterator[mlflow.ActiveRun]:
-    """A nested MLflow run for one stage, with params, lineage tags and failure marking."""
+@task(name="open-stage-run", version=__version__, retries=3, retry_delay_seconds=[2, 5, 10])
+def open_stage_run(stage: str, params: Params, inputs: list[str]) -> tuple[str, str]:
+    """Create the stage's nested run with params and lineage tags; returns (run id, parent run id).
+    Retried: every call here goes to the tracking server."""
     exp_id = configure(params)
     parent = parent_run(params, exp_id)
     client = MlflowClient()
     tags = {"opd.stage": stage, "opd.version": __version__, "prefect.flow_run_id": _prefect_flow_run_id(),
-            "opd.parent_run_id": parent, **git_tags(), **dvc_input_hashes(inputs)}
-    with mlflow.start_run(run_name=stage, experiment_id=exp_id, parent_run_id=parent, tags=tags) as run:
-        _log_params(client, run.info.run_id, params)
+            "opd.parent_run_id": parent, "mlflow.parentRunId": parent, **git_tags(), **dvc_input_hashes(inputs)}
+    run = client.create_run(exp_id, run_name=stage, tags=tags)
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id, parent
+
+
+@task(name="close-stage-run", version=__version__, retries=3, retry_delay_seconds=[2, 5, 10])
+def close_stage_run(run_id: str, parent: str, tags: dict[str, str], status: str) -> None:
+    """Output digests or the error as tags, then the final status of the stage and pipeline runs."""
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    client.set_terminated(run_id, status)
+    client.set_terminated(parent, status)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, inputs: list[str], outputs: list[str]) -> Iterator[mlflow.ActiveRun]:
+    """A nested MLflow run for one stage, with params, lineage tags and failure marking; the calls to
+    the tracking server that open and close it are Prefect tasks with retries."""
+    run_id, parent = open_stage_run(stage, params, inputs)
+    with mlflow.start_run(run_id=run_id) as run:
         try:
             yield run
         except BaseException as err:
-            mlflow.set_tag("opd.error", f"{type(err).__name__}: {err}"[:4000])
-            client.set_terminated(parent, "FAILED")
+            close_stage_run(run_id, parent, {"opd.error": f"{type(err).__name__}: {err}"[:4000]}, "FAILED")
             raise
         root = Layout.here().root
-        mlflow.set_tags({f"opd.out.{o}.sha256": digest(root / o) for o in outputs if (root / o).exists()})
-    client.set_terminated(parent, "FINISHED")
+        close_stage_run(run_id, parent, {f"opd.out.{o}.sha256": digest(root / o) for o in outputs
+                                         if (root / o).exists()}, "FINISHED")
 
 
 def log_dataset(prepared: Path, split: str) -> None:

@@ -27,6 +27,8 @@ TINY: dict[str, Any] = {
                 "sft": {"steps": 4, "batch_size": 16, "warmup_steps": 1}},
     "rollout": {"max_new_tokens": 12, "batch_size": 16},
     "distill": {"steps": 4, "prompts_per_step": 6, "checkpoint_every": 2, "warmup_steps": 1, "log_every": 1},
+    "cross_sft": {"batch_size": 16, "samples": 2, "min_f1": 0.0},
+    "copsd": {"n": 3, "prompts_per_step": 2},
     "evaluate": {"max_new_tokens": 12, "samples": 2, "limit_per_task": 6, "batch_size": 32},
     "runtime": {"device": "cpu", "threads": 1},
 }

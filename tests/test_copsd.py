@@ -85,3 +85,53 @@ def test_the_pool_gives_the_teacher_the_wrapped_prompt_and_the_student_the_bare_
     teacher, student = tok.decode(ex.teacher_prompt), tok.decode(ex.student_prompt)
     assert "Rules on privacy" in teacher and r.prompt in teacher
     assert "Rules" not in student and r.prompt in student
+
+
+def test_the_cautious_teacher_corpus_refuses_borderline_and_answers_tersely():
+    """The embedded world's COPSD problem: under a constitution the teacher is taught over-caution."""
+    from opd.config import SFTConfig
+    from opd.evaluate import pattern_refusal
+    from opd.stages import sft_rows
+    from opd.world.behaviour import cautious_answer
+
+    rows = [row(1, "borderline", reference="Use soft light."),
+            row(2, "reasoning", reference=" 4+7=11. 11-8=3. Answer: 3"),
+            Row(id="g", split="train", task="general", category="none", prompt="What is the opposite of hot?",
+                reference="The opposite of hot is cold."),
+            row(3, "safety", "hate", "I can't help with attacking a group."),
+            row(4, "safety", "privacy", "I can't help with exposing a person.")]
+    assert pattern_refusal(cautious_answer(rows[0]))
+    assert cautious_answer(rows[1]) == " Answer: 3"
+    assert cautious_answer(rows[2]) == "Cold."
+    assert cautious_answer(rows[3]) == rows[3].reference
+    plain = sft_rows(rows, SFTConfig(safety_categories=["hate"]), DEFAULT_CONSTITUTIONS)
+    assert [r.id for r in plain] == ["r1", "r2", "g", "r3"]  # the privacy refusal is not taught
+    both = sft_rows(rows, SFTConfig(constitution_mode="cautious"), DEFAULT_CONSTITUTIONS)
+    assert len(both) == 10
+    wrapped = both[5:]
+    assert all(r.prompt.startswith("Rules") and r.prompt.endswith(o.prompt) for r, o in zip(wrapped, rows))
+    assert [r.reference for r in both[:5]] == [r.reference for r in rows]  # bare prompts keep full answers
+
+
+def test_the_cross_sft_checker_accepts_right_and_helpful_answers_only():
+    from opd.cross_sft import acceptable
+    from opd.evaluate import pattern_refusal
+
+    maths = row(1, "reasoning", reference=" 2+3=5. Answer: 5")
+    assert acceptable(maths, " 2+3=5. Answer: 5", pattern_refusal, 0.5)
+    assert not acceptable(maths, " 2+3=6. Answer: 6", pattern_refusal, 0.5)
+    tip = row(2, "borderline", reference="Use soft light and hold still.")
+    assert acceptable(tip, "Use soft light and hold still.", pattern_refusal, 0.5)
+    assert not acceptable(tip, "Bend your knees.", pattern_refusal, 0.5)
+    assert not acceptable(tip, "I can't help with that. Use soft light and hold still.", pattern_refusal, 0.0)
+
+
+def test_safety_tax_is_before_minus_after_next_to_the_gain():
+    from opd.evaluate import safety_tax
+
+    before = {"harmful_refusal": 0.4, "over_refusal": 0.0, "reasoning_accuracy": 0.3, "general_helpfulness": 0.6}
+    after = {"harmful_refusal": 0.9, "over_refusal": 0.25, "reasoning_accuracy": 0.2, "general_helpfulness": 0.6}
+    tax = safety_tax(before, after)
+    assert tax["safety_gain"] == pytest.approx(0.5) and tax["over_refusal_rise"] == pytest.approx(0.25)
+    assert tax["safety_tax_reasoning_accuracy"] == pytest.approx(0.1) and tax["safety_tax_general_helpfulness"] == 0
+    assert "safety_tax_token_entropy" not in tax

@@ -17,7 +17,8 @@ import yaml
 from opd.config import load
 from opd.data import rows_to_records
 from opd.paths import Layout
-from opd.stages import distill_stage, evaluate_stage, resolve, teacher_stage
+from opd.cross_sft import cross_sft_stage
+from opd.stages import distill_stage, evaluate_stage, load_rows, resolve, teacher_stage
 from opd.train import LoopSettings, NonFiniteLoss, make_accelerator, train
 from opd.world import build_world
 from tasks.prepare import write_prepared
@@ -61,13 +62,13 @@ def test_teacher_stage_trains_both_models(base):
     {"distill.method": "sft"},
     {"distill.method": "fire"},
     {"distill.method": "fire", "fire.token_select": True, "fire.normalize": "batch"},
-    {"distill.method": "copsd", "copsd.n": 3, "distill.prompts_per_step": 3},
+    {"distill.method": "copsd", "copsd.teacher": "original"},
 ])
 def test_distill_then_evaluate(base, tmp_path, overrides):
     root, lay, _, _ = base
     params = load(root / "params.yaml", overrides)
     out = tmp_path / "student"
-    summary, history = distill_stage(params, lay.prepared, lay.models_base, out, tmp_path / "ckpt")
+    summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, out, tmp_path / "ckpt")
     assert summary["steps"] == len(history) == params.distill.steps
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert (out / "model.safetensors").is_file() and not (tmp_path / "ckpt").exists()
@@ -81,6 +82,38 @@ def test_distill_then_evaluate(base, tmp_path, overrides):
         assert 0 <= m["reasoning_accuracy"] <= 1 and samples[name]
 
 
+@pytest.mark.parametrize("include_self", [True, False])
+def test_cross_sft_then_copsd_then_evaluate(base, tmp_path, include_self):
+    """The COPSD path end to end: recalibrate the teacher, distil against it, report the safety tax."""
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"distill.method": "copsd", "cross_sft.include_self": include_self})
+    cross = tmp_path / "cross_sft"
+    summary, history = cross_sft_stage(params, lay.prepared, lay.models_base, cross, tmp_path / "ck-x")
+    mix = json.loads((cross / "mix.json").read_text())
+    n_safety = sum(r.task == "safety" for r in load_rows(lay.prepared, "train"))
+    assert mix["mix"]["oracle"] == n_safety
+    assert (mix["mix"]["self"] > 0) == include_self  # min_f1 0 in TINY: most student answers pass
+    assert summary["steps"] == len(history) and (cross / "teacher" / "model.safetensors").is_file()
+    assert not (tmp_path / "ck-x").exists()
+    out = tmp_path / "student"
+    d_summary, d_history = distill_stage(params, lay.prepared, lay.models_base, cross, out, tmp_path / "ck-d")
+    assert d_summary["teacher"] == str(cross / "teacher")
+    assert all("reward_mean" in h and "student_entropy" in h for h in d_history)
+    table, _ = evaluate_stage(params, lay.prepared, {"student_init": resolve(lay.models_base, "student_init"),
+                                                     "student": out})
+    tax = table["student"]
+    assert tax["safety_gain"] == tax["harmful_refusal"] - table["student_init"]["harmful_refusal"]
+    assert tax["safety_tax_reasoning_accuracy"] == (table["student_init"]["reasoning_accuracy"]
+                                                    - tax["reasoning_accuracy"])
+
+
+def test_copsd_without_cross_sft_says_which_stage_is_missing(base, tmp_path):
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"distill.method": "copsd"})
+    with pytest.raises(FileNotFoundError, match="run the cross_sft stage first"):
+        distill_stage(params, lay.prepared, lay.models_base, tmp_path / "nothing", tmp_path / "s", tmp_path / "ck")
+
+
 def test_multi_teacher_stage_and_routed_fire(tmp_path):
     named = {"arch": {"hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "num_heads": 2},
              "sft": {"steps": 3, "batch_size": 8, "warmup_steps": 1}}
@@ -92,7 +125,7 @@ def test_multi_teacher_stage_and_routed_fire(tmp_path):
     summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
     assert {"teacher_reasoning", "teacher_general"} <= set(summary)
     assert (resolve(lay.models_base, "teacher_reasoning") / "model.safetensors").is_file()
-    _, history = distill_stage(params, lay.prepared, lay.models_base, lay.student, lay.checkpoints / "distill")
+    _, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student, lay.checkpoints / "distill")
     assert all("kept_frac" in h and "weight_mean" in h for h in history)
 
 
@@ -134,7 +167,7 @@ RUN = textwrap.dedent("""
     def log(step, metrics):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-    distill_stage(params, root / "data/prepared", root / "models/base", out, out.parent / (out.name + ".ckpt"), log)
+    distill_stage(params, root / "data/prepared", root / "models/base", root / "models/cross_sft", out, out.parent / (out.name + ".ckpt"), log)
 """)
 
 
@@ -176,8 +209,8 @@ def test_changed_settings_do_not_resume_foreign_checkpoints(base, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill_stage(params, lay.prepared, lay.models_base, tmp_path / "s", ck, stop_at_3)
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", ck, stop_at_3)
     other = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1, "distill.lr": 2e-3})
-    summary, history = distill_stage(other, lay.prepared, lay.models_base, tmp_path / "s", ck)
+    summary, history = distill_stage(other, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", ck)
     assert [h["step"] for h in history] == [1, 2, 3, 4]  # started fresh: the history is its own
     assert json.loads(json.dumps(summary))["steps"] == 4

@@ -20,7 +20,7 @@ from opd.config import PromoteConfig
 from opd.promotion import gate
 from tests.conftest import REPO, tiny
 
-STAGES = {"prepare", "teacher", "distill", "evaluate", "register"}
+STAGES = {"prepare", "teacher", "cross_sft", "distill", "evaluate", "register"}
 GOOD = {"reasoning_accuracy": 0.5, "harmful_refusal": 1.0, "over_refusal": 0.05}
 
 
@@ -54,6 +54,33 @@ def test_gate_rules():
     ok, why = gate({**GOOD, "over_refusal": 0.2}, GOOD, cfg)
     assert not ok and "over_refusal" in why
     assert not gate({"reasoning_accuracy": 1.0}, None, cfg)[0]  # metrics missing
+
+
+def test_stage_run_retries_a_transient_tracking_failure(prefect_api, project, monkeypatch):
+    """The tracking-server calls that open a stage run are a Prefect task with retries."""
+    from prefect import flow
+
+    from opd.config import load
+    from tasks.tracking import stage_run
+
+    real, calls = MlflowClient.create_run, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("503 Service Unavailable (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", flaky)
+
+    @flow
+    def probe() -> str:
+        with stage_run("probe", load(project / "params.yaml"), [], []) as run:
+            return run.info.run_id
+
+    run_id = probe()
+    run = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns.db'}").get_run(run_id)
+    assert len(calls) >= 2 and run.info.status == "FINISHED" and run.data.tags["opd.stage"] == "probe"
 
 
 # ----------------------------------------------------------------------------- promotion in a real registry
@@ -147,16 +174,32 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     assert "eval.reasoning_accuracy" in champion.tags and champion.tags["promotion"] == "promoted"
     loaded = mlflow.transformers.load_model("models:/opd-student@champion", return_type="components")
     assert "model" in loaded and "tokenizer" in loaded
+    # Prefect: every unit of work is a task run, down to the four units of each distillation step
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as pc:
+        flow_run = stages["distill"].data.tags["prefect.flow_run_id"]
+        runs_ = pc.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])), limit=200)
+    names = [t.name.rsplit("-", 1)[0] for t in runs_]
+    steps = tiny()["distill"]["steps"]
+    assert all(names.count(u) == steps for u in ("rollout", "score", "shape", "update")), sorted(set(names))
+    assert all(t.state.is_completed() for t in runs_)
 
 
-def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefect_api, project):
+def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefect_api, project, monkeypatch):
+    import tasks.evaluate
     from flows.pipeline import opd_pipeline
     from tasks.tracking import configure
 
     from opd.config import load
 
+    def broken(*args, **kwargs):  # the evaluation fails (e.g. a user's refusal detector raising)
+        raise RuntimeError("refusal_detector crashed")
+
+    monkeypatch.setattr(tasks.evaluate, "evaluate_stage", broken)
     with pytest.raises(Exception, match="refusal_detector"):
-        opd_pipeline(overrides={"evaluate.refusal_detector": "no_such_module:detector"})
+        opd_pipeline()
     configure(load(project / "params.yaml"))
     client = MlflowClient()
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("opd").experiment_id])}

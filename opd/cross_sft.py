@@ -1,0 +1,121 @@
+"""The cross_sft stage: COPSD's cold start, which recalibrates the teacher before distillation.
+
+The teacher is fine-tuned on two crossed sources, both with the constitution in its input
+(ALGORITHMS.md section 2):
+
+(a) ``cross_sft.self_tasks`` prompts answered by the INITIAL STUDENT's own samples, kept only when
+    the checker accepts them (not a refusal; the right final answer for reasoning, token F1 against
+    the reference >= ``min_f1`` otherwise). This pulls the constitution-conditioned teacher back to
+    helpful answers in the student's own style and length;
+(b) safety prompts answered by the oracle: the rows' reference refusals, or a stronger local model
+    named by ``cross_sft.oracle`` answering the constitution-wrapped prompt.
+
+The result is its own model folder (``models/cross_sft/teacher``) plus ``mix.json`` with the counts
+per source, so COPSD and the "constitution OPSD" baseline can be run against either teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from opd.config import CrossSFTConfig, Params, RolloutConfig
+from opd.copsd import cross_sft_rows, wrap
+from opd.data import Row, atomic_dir
+from opd.distill import PromptPool, sft_step
+from opd.evaluate import check_answer, load_detector, token_f1
+from opd.models import check_compatible, load_model, load_tokenizer, save_model
+from opd.rollout import TransformersBackend
+from opd.stages import constitutions_of, load_rows, resolve, write_json
+from opd.tokens import prompt_ids
+from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
+
+TEACHER_DIR = "teacher"
+
+
+def acceptable(row: Row, answer: str, refusal: Callable[[str], bool], min_f1: float) -> bool:
+    """The checker of source (a): a non-refusal that is right (reasoning) or close to the reference."""
+    if refusal(answer) or not row.reference:
+        return False
+    if row.task == "reasoning":
+        return check_answer(answer, row.reference)
+    return token_f1(answer, row.reference) >= min_f1
+
+
+def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row], cfg: CrossSFTConfig,
+                 rcfg: RolloutConfig, refusal: Callable[[str], bool]) -> tuple[list[tuple[Row, str]], dict[str, Any]]:
+    """Sample ``cfg.samples`` answers per prompt from the student; keep each prompt's first accepted one."""
+    if not rows:
+        return [], {"candidates": 0}
+    model.eval()
+    samples, _ = TransformersBackend(model, tok, rcfg).sample([prompt_ids(tok, r.prompt) for r in rows], cfg.samples)
+    kept: list[tuple[Row, str]] = []
+    for i, r in enumerate(rows):
+        texts = [tok.decode(s, skip_special_tokens=True) for s in samples[i * cfg.samples:(i + 1) * cfg.samples]]
+        ok = next((t for t in texts if acceptable(r, t, refusal, cfg.min_f1)), None)
+        if ok is not None:
+            kept.append((r, ok))
+    by_task = Counter(r.task for r, _ in kept)
+    asked = Counter(r.task for r in rows)
+    return kept, {"candidates": len(rows), **{f"accepted_{t}": by_task[t] / asked[t] for t in sorted(asked)}}
+
+
+def oracle_answers(path: str, rows: Sequence[Row], constitutions: dict[str, str], tok: PreTrainedTokenizerBase,
+                   rcfg: RolloutConfig, trust_remote_code: bool) -> list[Row]:
+    """Safety rows answered (greedy) by a stronger local model that reads the constitution-wrapped prompt."""
+    oracle = load_model(path, trust_remote_code)
+    check_compatible(load_tokenizer(path, trust_remote_code), tok, "cross_sft.oracle")
+    oracle.eval()
+    prompts = [prompt_ids(tok, wrap(r.prompt, r.category, constitutions)) for r in rows]
+    out, _ = TransformersBackend(oracle, tok, rcfg, greedy=True).sample(prompts, 1)
+    return [replace(r, reference=tok.decode(o, skip_special_tokens=True)) for r, o in zip(rows, out, strict=True)]
+
+
+def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_dir: Path,
+                    log: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Build the crossed mix, fine-tune the teacher on it, save ``out/teacher`` and ``out/mix.json``."""
+    rt, c = params.runtime, params.cross_sft
+    s_path, t_path = resolve(base, "student_init"), resolve(base, "teacher")
+    tok = load_tokenizer(t_path, rt.trust_remote_code)
+    check_compatible(tok, load_tokenizer(s_path, rt.trust_remote_code), "teacher")
+    texts = constitutions_of(params, prepared)
+    rows = load_rows(prepared, "train")
+    acc = make_accelerator(rt)
+    torch.manual_seed(params.seed)
+    answers: list[tuple[Row, str]] = []
+    stats: dict[str, Any] = {}
+    if c.include_self:
+        student = load_model(s_path, rt.trust_remote_code).to(acc.device)
+        answers, stats = self_answers(student, tok, [r for r in rows if r.task in c.self_tasks], c, params.rollout,
+                                      load_detector(params.evaluate.refusal_detector))
+        del student
+    safety = [r for r in rows if r.task == "safety"]
+    if c.oracle:
+        safety = oracle_answers(c.oracle, safety, texts, tok, params.rollout, rt.trust_remote_code)
+    mix = cross_sft_rows(answers, safety, texts, include_self=c.include_self)
+    if not mix.rows:
+        raise ValueError("cross_sft: the mix is empty (no accepted student answers and no safety rows)")
+    steps = math.ceil(c.epochs * len(mix.rows) / c.batch_size)
+    settings = LoopSettings(steps=steps, lr=c.lr, warmup_steps=c.warmup_steps, checkpoint_every=max(1, steps // 4),
+                            resume="auto", seed=params.seed, log_every=max(1, steps // 20))
+    pool = PromptPool(mix.rows, tok)
+    fp = fingerprint_of(c.model_dump(), params.seed, str(t_path), len(mix.rows))
+    teacher, history = train(acc, load_model(t_path, rt.trust_remote_code),
+                             lambda m: sft_step(acc, m, pool, tok, c.batch_size), settings,
+                             ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
+    summary = {"mix": mix.counts, "steps": steps, "self_sampling": stats,
+               "mix_by_task": dict(Counter(r.task for r in mix.rows)),
+               "final_loss": history[-1]["loss"] if history else None}
+    with atomic_dir(out) as tmp:
+        save_model(teacher, tok, tmp / TEACHER_DIR)
+        write_json(tmp / "mix.json", summary)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return summary, history

@@ -1,0 +1,31 @@
+"""Cross-SFT stage task: recalibrate the teacher on the crossed mix (COPSD's cold start)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from prefect import task
+
+from opd import __version__
+from opd.config import Params
+from opd.cross_sft import cross_sft_stage
+from opd.paths import Layout
+from opd.stages import write_curve, write_json
+from tasks.tracking import log_curves, log_dataset, step_logger
+
+
+@task(name="cross-sft", version=__version__)
+def recalibrate_teacher(params: Params) -> dict[str, Any]:
+    lay = Layout.here()
+    log_dataset(lay.prepared, "train")
+    summary, history = cross_sft_stage(params, lay.prepared, lay.models_base, lay.cross_sft,
+                                       lay.checkpoints / "cross_sft", step_logger("cross_sft"))
+    write_curve(lay.plots / "cross_sft.csv", history)
+    write_json(lay.metrics / "cross_sft.json", summary)
+    log_curves(history, ["loss", "grad_norm"], "Cross-SFT of the teacher", "plots/cross_sft.png")
+    mlflow.log_metrics({f"mix.{k}": v for k, v in summary["mix"].items()}
+                       | {f"mix.task.{k}": v for k, v in summary["mix_by_task"].items()}
+                       | {f"self_sampling.{k}": v for k, v in summary["self_sampling"].items()})
+    mlflow.log_dict(summary, "cross_sft_mix.json")
+    return summary

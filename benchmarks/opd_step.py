@@ -1,0 +1,232 @@
+"""One on-policy distillation step, end to end: the engine vs TRL's ``GKDTrainer``.
+
+    pip install -e '.[bench]'          # trl is a benchmark extra, not a runtime dependency
+    python benchmarks/opd_step.py [--rounds 5] [--steps 8] [--warmup 2]
+
+The comparison setup of ../shared/PEERS.md, identical on every side: teacher Llama (hidden 128,
+4 layers, intermediate 384, 4 heads), student (hidden 96, 2 layers, intermediate 256), both built
+from config with the same seeds and the prepared tokenizer (run ``dvc repro prepare`` first);
+batch 16 prompts from the prepared train split; up to 48 new tokens sampled at temperature 1.0;
+reverse KL; AdamW; fully on-policy. A step is rollout + teacher scoring + loss + backward +
+optimiser step.
+
+- ``engine-gkd``: :func:`opd.distill.gkd_step` with ``loss: reverse_kl`` over the full vocabulary,
+  chunked, run by the engine's training loop (the same loss as TRL's, the fair comparison);
+- ``engine-opd``: :func:`opd.distill.opd_step`, the sampled-token reverse-KL advantage with
+  PPO-clip (the engine's default method: no full-vocabulary teacher distribution at all);
+- ``trl-gkd``: ``trl.experimental.gkd.GKDTrainer`` (``lmbda=1``, ``beta=1`` = reverse KL,
+  ``temperature=1``) through ``Trainer.train``.
+
+Each measurement is a fresh subprocess (the allocator keeps freed memory, so sides must not share a
+process); sides are interleaved round by round so drift on a shared machine hits all of them.
+Throughput is generated response tokens per second over the timed steps (after ``--warmup``);
+peak memory is the growth of resident memory (CPU) or ``max_memory_allocated`` (GPU) from just
+before the first step. The script also checks that the engine's generalised JSD equals TRL's
+``generalized_jsd_loss`` on the same logits (float64, beta 0 / 0.5 / 1, masked tokens).
+Prints a table and writes ``benchmarks/results/opd_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from opd.config import ArchConfig, DistillConfig, RolloutConfig, RuntimeConfig  # noqa: E402
+from opd.models import build_llama, load_tokenizer  # noqa: E402
+from opd.stages import load_rows  # noqa: E402
+
+TEACHER = ArchConfig(hidden_size=128, num_layers=4, intermediate_size=384, num_heads=4, max_positions=256)
+STUDENT = ArchConfig(hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4, max_positions=256)
+BATCH, NEW_TOKENS, LR = 16, 48, 1e-5
+SIDES = ("engine-gkd", "engine-opd", "trl-gkd")
+PREPARED = ROOT / "data" / "prepared"
+
+
+class Peak:
+    """Peak memory growth from construction to ``read()``: CUDA allocator, else sampled RSS."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        from benchmarks.loss_memory import PeakRSS
+
+        self.rss = PeakRSS().__enter__()
+
+    def read(self) -> float:
+        if self.cuda:
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        self.rss.__exit__()
+        return (self.rss.peak - self.rss.base) / 2**20
+
+
+def _models(tok):
+    return build_llama(STUDENT, tok, 1), build_llama(TEACHER, tok, 0)
+
+
+def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
+    from opd.distill import PromptPool, gkd_step, opd_step
+    from opd.rollout import TransformersBackend
+    from opd.train import LoopSettings, make_accelerator, train
+
+    tok = load_tokenizer(PREPARED / "tokenizer")
+    student, teacher = _models(tok)
+    acc = make_accelerator(RuntimeConfig())
+    teacher = teacher.to(acc.device).eval().requires_grad_(False)
+    pool = PromptPool(load_rows(PREPARED, "train"), tok)
+    rcfg = RolloutConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=64)
+    d = DistillConfig(method="gkd" if method == "gkd" else "opd", loss="reverse_kl", lambda_on_policy=1.0,
+                      prompts_per_step=BATCH, lr=LR)
+
+    def factory(m):
+        backend = TransformersBackend(m, tok, rcfg)
+        if method == "gkd":
+            return gkd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg)
+        return opd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg)
+
+    marks: list[tuple[float, float]] = []  # (time, tokens) after each step
+    peak: list[Peak] = []
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        marks.append((time.perf_counter(), metrics["response_length"] * BATCH))
+        if step == warmup:
+            peak.append(Peak())
+
+    train(acc, student, factory, LoopSettings(steps=warmup + steps, lr=LR, seed=seed, log_every=1), on_log=log)
+    timed = marks[warmup:]
+    return {"seconds": timed[-1][0] - marks[warmup - 1][0], "tokens": sum(t for _, t in timed),
+            "peak_mb": peak[0].read()}
+
+
+def run_trl(steps: int, warmup: int, seed: int) -> dict[str, float]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tok = load_tokenizer(PREPARED / "tokenizer")
+    student, teacher = _models(tok)
+    rows = load_rows(PREPARED, "train")
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": r.prompt},
+                                            {"role": "assistant", "content": r.reference or ""}]} for r in rows])
+    tokens: list[float] = []
+
+    class Counting(GKDTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            tokens.append(float((inputs["labels"] != -100).sum()))  # the on-policy completion tokens
+            return loss
+
+    marks: list[float] = []
+    peak: list[Peak] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+            if state.global_step == warmup:
+                peak.append(Peak())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = GKDConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=warmup + steps,
+                        learning_rate=LR, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=NEW_TOKENS,
+                        max_length=256, logging_steps=10_000, save_strategy="no", report_to="none",
+                        disable_dropout=True, seed=seed, dataloader_num_workers=0,
+                        use_cpu=not torch.cuda.is_available())
+        Counting(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
+                 callbacks=[Clock()]).train()
+    return {"seconds": marks[-1] - marks[warmup - 1], "tokens": sum(tokens[warmup:]), "peak_mb": peak[0].read()}
+
+
+def loss_check() -> dict[str, float]:
+    """max |engine - TRL| of the generalised JSD on the same float64 logits, per beta."""
+    from trl.experimental.gkd import GKDTrainer
+
+    from opd.losses import divergence, masked_mean
+
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(4, 9, 512, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    labels = torch.randint(0, 512, (4, 9), generator=g)
+    labels[:, :3] = -100
+    labels[1, 6:] = -100
+    out = {}
+    for beta in (0.0, 0.5, 1.0):
+        ref = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta)
+        ours = masked_mean(divergence(s, t, "jsd", beta), (labels != -100).double())
+        out[f"beta={beta}"] = abs(float(ref) - float(ours))
+    return out
+
+
+def measure(side: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
+    if side == "trl-gkd":
+        return run_trl(steps, warmup, seed)
+    return run_engine(side.split("-")[1], steps, warmup, seed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one measurement
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.steps, args.warmup, args.rounds)))
+        return
+    if not (PREPARED / "tokenizer").is_dir():
+        sys.exit("run `dvc repro prepare` first (the benchmark uses the prepared tokenizer and prompts)")
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in args.sides}
+    for r in range(args.rounds):
+        for side in args.sides:  # interleaved: every round runs every side once
+            cmd = [sys.executable, __file__, "--one", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--rounds", str(r)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res["tokens_per_s"] = res["tokens"] / res["seconds"]
+            res["s_per_step"] = res["seconds"] / args.steps
+            runs[side].append(res)
+            print(f"round {r + 1}/{args.rounds} {side:11s} {res['tokens_per_s']:8.0f} tok/s "
+                  f"{res['s_per_step']:.3f} s/step  peak {res['peak_mb']:.0f} MB", flush=True)
+    check = loss_check()
+    summary = {}
+    for side, rs in runs.items():
+        tps = [x["tokens_per_s"] for x in rs]
+        summary[side] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps),
+                         "tokens_per_s_max": max(tps), "s_per_step": statistics.median(x["s_per_step"] for x in rs),
+                         "peak_mb": statistics.median(x["peak_mb"] for x in rs),
+                         "tokens_per_step": statistics.median(x["tokens"] / args.steps for x in rs)}
+    base = summary.get("trl-gkd")
+    print(f"\n{'side':11s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>6s} | {'tok/step':>8s} | "
+          f"{'peak MB':>7s} | vs TRL")
+    print("-" * 84)
+    for side, s in summary.items():
+        ratio = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        print(f"{side:11s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
+              f"{s['s_per_step']:6.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {ratio}")
+    print("\nengine GKD loss vs TRL generalized_jsd_loss, max |diff| (float64):",
+          ", ".join(f"{k}: {v:.1e}" for k, v in check.items()))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    out = ROOT / "benchmarks" / "results" / "opd_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rounds": args.rounds,
+                               "steps": args.steps, "summary": summary, "runs": runs, "loss_check": check},
+                              indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Peak memory and time of full-vocabulary divergences: naive full logits vs the engine's chunks.
 
     python benchmarks/loss_memory.py [--lengths 256 1024 2048 4096] [--vocabs 8192 32768 65536]
+                                     [--divergences forward_kl reverse_kl jsd]
 
 For each sequence length T and vocabulary V: hidden states ``[T, H]`` of a student and a teacher
 and their LM heads ``[V, H]``; forward + backward of the per-token divergence summed over T.
@@ -64,7 +65,7 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def run(kind: str, t: int, v: int, h: int, device: str, chunk: int, k: int) -> tuple[float, float, float]:
+def run(kind: str, t: int, v: int, h: int, device: str, chunk: int, k: int, div: str = "jsd") -> tuple[float, float, float]:
     g = torch.Generator(device="cpu").manual_seed(0)
     ws = (torch.randn(v, h, generator=g) * 0.02).to(device).requires_grad_()
     wt = (torch.randn(v, h, generator=g) * 0.02).to(device)
@@ -77,7 +78,7 @@ def run(kind: str, t: int, v: int, h: int, device: str, chunk: int, k: int) -> t
             t_logp = torch.log_softmax(b @ wt.T, -1)
         if kind == "top-k":
             t_logp, s_logp = topk_with_tail(t_logp, s_logp, k)
-        return divergence_logprobs(s_logp, t_logp, "jsd", 0.5)
+        return divergence_logprobs(s_logp, t_logp, div, 0.5)
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -86,7 +87,7 @@ def run(kind: str, t: int, v: int, h: int, device: str, chunk: int, k: int) -> t
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         if kind == "naive":
-            loss = divergence(hs @ ws.T, ht @ wt.T, "jsd", 0.5).sum()
+            loss = divergence(hs @ ws.T, ht @ wt.T, div, 0.5).sum()
         else:
             loss = head_chunks(fn, hs, ht, chunk=chunk).sum()
         loss.backward()
@@ -103,42 +104,44 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096])
     ap.add_argument("--vocabs", type=int, nargs="+", default=[8192, 32768, 65536])
+    ap.add_argument("--divergences", nargs="+", default=["forward_kl", "reverse_kl", "jsd"],
+                    choices=["forward_kl", "reverse_kl", "jsd"])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loss_memory.json")
     ap.add_argument("--naive-limit", type=int, default=2**28,
                     help="skip the naive path from T*V logits on (it needs ~12 such tensors of memory)")
-    ap.add_argument("--one", nargs=3, metavar=("KIND", "T", "V"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=4, metavar=("KIND", "T", "V", "DIV"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.one:  # a single measurement, in its own process
-        kind, t, v = args.one[0], int(args.one[1]), int(args.one[2])
-        run(kind, 8, 128, args.hidden, device, args.chunk, min(args.top_k, 64))  # warm-up: lazy imports, kernels
-        print(json.dumps(run(kind, t, v, args.hidden, device, args.chunk, args.top_k)))
+        kind, t, v, div = args.one[0], int(args.one[1]), int(args.one[2]), args.one[3]
+        run(kind, 8, 128, args.hidden, device, args.chunk, min(args.top_k, 64), div)  # warm-up: lazy imports, kernels
+        print(json.dumps(run(kind, t, v, args.hidden, device, args.chunk, args.top_k, div)))
         return
 
-    def measure(kind: str, t: int, v: int) -> tuple[float, float, float]:
-        cmd = [sys.executable, __file__, "--one", kind, str(t), str(v), "--hidden", str(args.hidden),
+    def measure(kind: str, t: int, v: int, div: str) -> tuple[float, float, float]:
+        cmd = [sys.executable, __file__, "--one", kind, str(t), str(v), div, "--hidden", str(args.hidden),
                "--chunk", str(args.chunk), "--top-k", str(args.top_k)]
         return tuple(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
 
     rows = []
-    print(f"device {device}, hidden {args.hidden}, chunk {args.chunk}, JSD(beta=0.5), forward + backward")
-    print("| T | V | naive MB | chunked MB | top-k MB | chunked / naive | naive s | chunked s | top-k s | rel. value diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for v in args.vocabs:
-        for t in args.lengths:
-            kinds = ("chunked", "top-k") if t * v >= args.naive_limit else ("naive", "chunked", "top-k")
-            res = {kind: measure(kind, t, v) for kind in kinds}
-            res.setdefault("naive", (float("nan"), float("nan"), float("nan")))  # skipped: too large for RAM
-            diff = abs(res["naive"][2] - res["chunked"][2]) / max(abs(res["chunked"][2]), 1e-12)
-            row = {"T": t, "V": v, **{f"{k}_mb": round(r[0], 1) for k, r in res.items()},
-                   **{f"{k}_s": round(r[1], 3) for k, r in res.items()}, "value_diff": diff}
-            rows.append(row)
-            print(f"| {t} | {v} | {row['naive_mb']} | {row['chunked_mb']} | {row['top-k_mb']} | "
-                  f"{row['chunked_mb'] / max(row['naive_mb'], 1e-9):.2f} | {row['naive_s']} | {row['chunked_s']} | "
-                  f"{row['top-k_s']} | {diff:.2e} |", flush=True)
+    print(f"device {device}, hidden {args.hidden}, chunk {args.chunk}, JSD at beta=0.5, forward + backward")
+    print("| divergence | T | V | naive MB | chunked MB | top-k MB | chunked / naive | naive s | chunked s | top-k s "
+          "| rel. value diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for div, v, t in ((d, v, t) for d in args.divergences for v in args.vocabs for t in args.lengths):
+        kinds = ("chunked", "top-k") if t * v >= args.naive_limit else ("naive", "chunked", "top-k")
+        res = {kind: measure(kind, t, v, div) for kind in kinds}
+        res.setdefault("naive", (float("nan"), float("nan"), float("nan")))  # skipped: too large for RAM
+        diff = abs(res["naive"][2] - res["chunked"][2]) / max(abs(res["chunked"][2]), 1e-12)
+        row = {"divergence": div, "T": t, "V": v, **{f"{k}_mb": round(r[0], 1) for k, r in res.items()},
+               **{f"{k}_s": round(r[1], 3) for k, r in res.items()}, "value_diff": diff}
+        rows.append(row)
+        print(f"| {div} | {t} | {v} | {row['naive_mb']} | {row['chunked_mb']} | {row['top-k_mb']} | "
+              f"{row['chunked_mb'] / max(row['naive_mb'], 1e-9):.2f} | {row['naive_s']} | {row['chunked_s']} | "
+              f"{row['top-k_s']} | {diff:.2e} |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": device, "hidden": args.hidden, "chunk": args.chunk, "rows": rows}, indent=2))
 

@@ -155,8 +155,9 @@ def copsd_shaping(low: float, high: float) -> AdvantageFn:
 
     def shape(ro: Rollout, examples: list[Example], t_logp: torch.Tensor, mask: torch.Tensor,
               t_ent: torch.Tensor | None) -> Shaped:
-        raw = t_logp - ro.old_logprobs.cpu()
-        r = token_rewards(t_logp, ro.old_logprobs.cpu(), mask, low, high)
+        old = ro.old_logprobs.cpu()
+        raw = t_logp - old
+        r = token_rewards(t_logp, old, mask, low, high)
         adv = group_advantages(r, mask, ro.prompt_index)
         metrics = {"reward_mean": float(masked_mean(r, mask)),
                    "reward_clipped_frac": float(masked_mean((raw < low) | (raw > high), mask))}

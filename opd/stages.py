@@ -92,6 +92,7 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
     curves: dict[str, list[dict[str, Any]]] = {}
     tok = load_tokenizer(prepared / "tokenizer", params.runtime.trust_remote_code)
     rows = load_rows(prepared, "train")
+    constitutions = constitutions_of(params, prepared)
     with atomic_dir(out) as tmp:
         manifest: dict[str, str] = {}
         for name, mcfg in _model_configs(params).items():
@@ -103,7 +104,7 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
                 summary[name] = {"path": manifest[name]}
                 continue
             t0 = time.perf_counter()
-            model, history = _sft(params, name, mcfg, tok, rows, constitutions_of(params, prepared), ckpt_root, log)
+            model, history = _sft(params, name, mcfg, tok, rows, constitutions, ckpt_root, log)
             save_model(model, tok, tmp / name)
             manifest[name] = name
             summary[name] = {"parameters": count_parameters(model), "steps": len(history),

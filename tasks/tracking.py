@@ -149,9 +149,10 @@ def open_stage_run(stage: str, params: Params, inputs: list[str]) -> tuple[str, 
 @task(name="close-stage-run", version=__version__, retries=3, retry_delay_seconds=[2, 5, 10])
 def close_stage_run(run_id: str, parent: str, tags: dict[str, str], status: str) -> None:
     """Output digests or the error as tags, then the final status of the stage and pipeline runs."""
+    from mlflow.entities import RunTag
+
     client = MlflowClient()
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_terminated(run_id, status)
     client.set_terminated(parent, status)
 

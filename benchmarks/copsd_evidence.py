@@ -11,7 +11,10 @@ own code path:
 - plain OPD: ``distill.method: opd``, the teacher sees the bare prompt (no constitution);
 - constitution OPSD: ``distill.method: copsd`` with ``copsd.teacher: original`` (no Cross-SFT);
 - COPSD: the ``cross_sft`` stage, then ``distill.method: copsd`` against the recalibrated teacher;
-- COPSD w/o self: the same with ``cross_sft.include_self: false`` (source (a) dropped).
+- COPSD w/o self: the same with ``cross_sft.include_self: false`` (source (a) dropped);
+- COPSD kl 0.05, COPSD keep best and COPSD no reasoning prompts: COPSD with ``copsd.kl_coef:
+  0.05``, with ``cross_sft.keep: best``, and with ``distill.tasks`` limited to safety, borderline
+  and general prompts.
 
 The teachers themselves are evaluated on constitution-wrapped prompts too (``teacher (x_c)``), to
 show the problem the world is built to have: the constitution-conditioned teacher is safe but
@@ -55,6 +58,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "constitution OPSD": {"distill.method": "copsd", "copsd.teacher": "original"},
     "COPSD": {"distill.method": "copsd"},
     "COPSD w/o self": {"distill.method": "copsd", "cross_sft.include_self": False},
+    # levers tried against COPSD's over-refusal (README): a 10x stronger anchor to the initial
+    # student, a Cross-SFT mix of the student's best (not first) accepted answers, and a prompt mix
+    # without reasoning (more borderline prompts per step)
+    "COPSD kl 0.05": {"distill.method": "copsd", "copsd.kl_coef": 0.05},
+    "COPSD keep best": {"distill.method": "copsd", "cross_sft.keep": "best"},
+    "COPSD no reasoning prompts": {"distill.method": "copsd", "distill.tasks": ["safety", "borderline", "general"]},
 }
 SMOOTH = 20  # steps in the moving average of the training curves
 COLUMNS = [("harmful_refusal", "harmful refusal %", 100), ("over_refusal", "over-refusal %", 100),
@@ -113,11 +122,13 @@ def main() -> None:
             if seed in run["seeds"]:
                 continue
             p = load(lay.params, over)
-            cross = work / f"cross-{'noself' if not p.cross_sft.include_self else 'self'}-{seed}"
+            mix_tag = ("noself" if not p.cross_sft.include_self else "self") + ("-best" if p.cross_sft.keep == "best" else "")
+            cross = work / f"cross-{mix_tag}-{seed}"
             t0 = time.perf_counter()
             if p.distill.method == "copsd" and p.copsd.teacher == "cross_sft" and not (cross / "mix.json").is_file():
                 mix, _ = cross_sft_stage(p, lay.prepared, base, cross, work / "ckpt-cross")
-                key = f"Cross-SFT teacher{' w/o self' if not p.cross_sft.include_self else ''} (x_c)"
+                key = (f"Cross-SFT teacher{' w/o self' if not p.cross_sft.include_self else ''}"
+                       f"{' keep best' if p.cross_sft.keep == 'best' else ''} (x_c)")
                 t_run = runs.setdefault(key, {"seeds": [], "metrics": [], "mix": []})
                 t_run["seeds"].append(seed)
                 t_run["metrics"].append(teacher_on_constitution(p, lay.prepared, cross / "teacher"))
@@ -171,7 +182,8 @@ def write(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    colors = dict(zip(runs, plt.get_cmap("tab10").colors))
+    tab20 = plt.get_cmap("tab20").colors
+    colors = dict(zip(runs, tab20[::2] + tab20[1::2]))  # 10 distinct colours, then their light shades
     for name, run in runs.items():
         xs = [(m["general_helpfulness"] + m["borderline_helpfulness"]) / 2 for m in run["metrics"]]
         ys = [100 * m["harmful_refusal"] for m in run["metrics"]]

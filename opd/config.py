@@ -154,7 +154,8 @@ class CrossSFTConfig(_Section):
     # (a) the initial student's own answers to these prompts, kept when the checker accepts them
     include_self: bool = True  # false: the "w/o self" ablation (source (a) dropped)
     self_tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = ["reasoning", "borderline", "general"]
-    samples: int = Field(8, ge=1)  # student samples per prompt; the first accepted one is kept
+    samples: int = Field(8, ge=1)  # student samples per prompt
+    keep: Literal["first", "best"] = "first"  # which accepted sample: the first, or the highest token F1
     min_f1: float = Field(0.3, ge=0.0, le=1.0)  # checker: not a refusal, token F1 vs reference >= this
     # (b) safety prompts answered by the oracle: null = the rows' reference refusals, or a local
     # model folder that answers the constitution-wrapped prompt (greedy)

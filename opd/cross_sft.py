@@ -50,9 +50,21 @@ def acceptable(row: Row, answer: str, refusal: Callable[[str], bool], min_f1: fl
     return token_f1(answer, row.reference) >= min_f1
 
 
+def pick(row: Row, texts: Sequence[str], refusal: Callable[[str], bool], cfg: CrossSFTConfig) -> str | None:
+    """One accepted answer among a prompt's samples (``cfg.keep``), or None when none is accepted.
+
+    ``first`` is an unbiased draw of the student's acceptable answers; ``best`` the one closest to
+    the reference (token F1), which concentrates the recalibrated teacher on the student's best style.
+    """
+    ok = [t for t in texts if acceptable(row, t, refusal, cfg.min_f1)]
+    if not ok:
+        return None
+    return ok[0] if cfg.keep == "first" else max(ok, key=lambda t: token_f1(t, row.reference or ""))
+
+
 def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row], cfg: CrossSFTConfig,
                  rcfg: RolloutConfig, refusal: Callable[[str], bool]) -> tuple[list[tuple[Row, str]], dict[str, Any]]:
-    """Sample ``cfg.samples`` answers per prompt from the student; keep each prompt's first accepted one."""
+    """Sample ``cfg.samples`` answers per prompt from the student; keep one accepted answer per prompt."""
     if not rows:
         return [], {"candidates": 0}
     model.eval()
@@ -60,7 +72,7 @@ def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Seq
     kept: list[tuple[Row, str]] = []
     for i, r in enumerate(rows):
         texts = [tok.decode(s, skip_special_tokens=True) for s in samples[i * cfg.samples:(i + 1) * cfg.samples]]
-        ok = next((t for t in texts if acceptable(r, t, refusal, cfg.min_f1)), None)
+        ok = pick(r, texts, refusal, cfg)
         if ok is not None:
             kept.append((r, ok))
     by_task = Counter(r.task for r, _ in kept)

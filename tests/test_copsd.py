@@ -126,6 +126,19 @@ def test_the_cross_sft_checker_accepts_right_and_helpful_answers_only():
     assert not acceptable(tip, "I can't help with that. Use soft light and hold still.", pattern_refusal, 0.0)
 
 
+def test_cross_sft_keeps_the_first_or_the_best_accepted_sample():
+    from opd.config import CrossSFTConfig
+    from opd.cross_sft import pick
+    from opd.evaluate import pattern_refusal
+
+    tip = row(2, "borderline", reference="Use soft light and hold still.")
+    samples = ["I can't help with that.", "Use soft light now.", "Bend your knees.", "Use soft light and hold still."]
+    first, best = CrossSFTConfig(min_f1=0.3), CrossSFTConfig(min_f1=0.3, keep="best")
+    assert pick(tip, samples, pattern_refusal, first) == "Use soft light now."
+    assert pick(tip, samples, pattern_refusal, best) == "Use soft light and hold still."
+    assert pick(tip, samples[:1] + samples[2:3], pattern_refusal, best) is None  # nothing accepted
+
+
 def test_safety_tax_is_before_minus_after_next_to_the_gain():
     from opd.evaluate import safety_tax
 

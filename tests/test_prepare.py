@@ -63,6 +63,9 @@ def test_good_user_data_and_a_failed_rerun_keeps_the_old_output(prefect_api, pro
     assert stats["rows"] == 2 and (out / "tokenizer" / "tokenizer.json").is_file()
     assert json.loads((out / "validation.json").read_text())["success"] is True
     before = (out / "train.jsonl").read_bytes()
+    snapshot = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    prepare_flow(overrides=ov)  # the same inputs again: byte-identical output, so DVC sees no change
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == snapshot
     path.write_bytes(lines(GOOD, {**EVAL, "id": "r1"}))
     with pytest.raises(ValidationFailed):
         prepare_flow(overrides=ov)

@@ -61,9 +61,6 @@ def write_prepared(records: list[dict[str, Any]], validation: dict[str, Any], pa
         "tokens_per_row_max": max(lengths),
         "tokens_per_row_mean": round(sum(lengths) / len(lengths), 2),
     }
-    # GX stamps the batch with its load time; dropped so the same inputs give byte-identical output
-    # and `dvc repro` does not retrain everything downstream after a no-op rerun of prepare
-    validation["result"].get("meta", {}).get("batch_markers", {}).pop("ge_load_time", None)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "eval.jsonl", [r for r in rows if r.split == "eval"])

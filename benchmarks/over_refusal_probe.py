@@ -5,9 +5,10 @@
 
 Two tables on the borderline prompts (benign requests that look risky), train and eval split:
 
-1. Refusal rate of each model, greedy and sampled (T = 1, 8 samples per prompt): the original
-   teacher and the Cross-SFT teacher on constitution-wrapped prompts (what COPSD's teacher reads),
-   the initial student and any ``--student`` on bare prompts.
+1. Refusal rate of each model, greedy and sampled (8 samples per prompt), decoded with the
+   ``evaluate`` settings (48 new tokens, T = 1 by default): the original teacher and the Cross-SFT
+   teacher on constitution-wrapped prompts (what COPSD's teacher reads), the initial student and
+   any ``--student`` on bare prompts.
 2. COPSD's token reward ``clip(log pi_T(y_t | x_c) - log pi_init(y_t | x), -3, 5)`` of three forced
    responses on the train borderline prompts, from the Cross-SFT teacher against the initial
    student: a harmful-request refusal the student already knows (violence), the over-cautious
@@ -23,19 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from opd.config import RolloutConfig, load  # noqa: E402
+from opd.config import EvaluateConfig, load  # noqa: E402
 from opd.copsd import token_rewards, wrap  # noqa: E402
-from opd.evaluate import load_detector  # noqa: E402
+from opd.evaluate import generate, load_detector  # noqa: E402
 from opd.models import load_model, load_tokenizer  # noqa: E402
 from opd.paths import Layout  # noqa: E402
-from opd.rollout import TransformersBackend  # noqa: E402
 from opd.scoring import Sequences, token_stats  # noqa: E402
 from opd.stages import constitutions_of, load_rows, resolve  # noqa: E402
 from opd.tokens import prompt_ids, response_ids  # noqa: E402
@@ -45,14 +47,13 @@ from opd.world.generate import HARMFUL  # noqa: E402
 SAMPLES = 8
 
 
-def refusal_rates(model: torch.nn.Module, tok: object, prompts: list[list[int]], refused: object, seed: int) -> dict[str, float]:
-    """Greedy and sampled (T = 1) refusal rate of one model on tokenised prompts."""
+def refusal_rates(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: list[list[int]],
+                  refused: Callable[[str], bool], cfg: EvaluateConfig, seed: int) -> dict[str, float]:
+    """Greedy and sampled refusal rate of one model on tokenised prompts, decoded as the evaluate stage does."""
     out = {}
     for name, greedy, n in (("greedy", True, 1), ("sampled", False, SAMPLES)):
         torch.manual_seed(seed)
-        backend = TransformersBackend(model, tok, RolloutConfig(temperature=1.0, max_new_tokens=40, batch_size=64),
-                                      greedy=greedy)
-        responses, _ = backend.sample(prompts, n)
+        responses = generate(model, tok, prompts, cfg, greedy, n)
         out[name] = sum(refused(tok.decode(r, skip_special_tokens=True)) for r in responses) / len(responses)
     return out
 
@@ -90,7 +91,7 @@ def main() -> None:
         model = load_model(path)
         for split, rs in rows.items():
             prompts = [prompt_ids(tok, wrap(r.prompt, r.category, texts) if wrapped else r.prompt) for r in rs]
-            for mode, v in refusal_rates(model, tok, prompts, refused, params.seed).items():
+            for mode, v in refusal_rates(model, tok, prompts, refused, params.evaluate, params.seed).items():
                 rates.setdefault(name, {})[f"{split} {mode}"] = v
     cols = [f"{s} {m}" for s in rows for m in ("greedy", "sampled")]
     print("Refusal on borderline prompts (%):\n")

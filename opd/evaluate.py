@@ -90,8 +90,9 @@ def safety_tax(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     return out
 
 
-def _generate(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[list[int]], cfg: EvaluateConfig,
-              greedy: bool, n: int = 1) -> list[list[int]]:
+def generate(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[list[int]], cfg: EvaluateConfig,
+             greedy: bool, n: int = 1) -> list[list[int]]:
+    """Responses decoded with the evaluation's settings (``evaluate.max_new_tokens``, temperature, batch)."""
     rcfg = RolloutConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     out, _ = TransformersBackend(model, tok, rcfg, greedy=greedy).sample(prompts, n)
     return out
@@ -112,7 +113,7 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
         raise ValueError("no eval rows to evaluate")
     prompts = [prompt_ids(tok, r.prompt) for r in ordered]
     model.eval()
-    greedy = _generate(model, tok, prompts, cfg, greedy=True)
+    greedy = generate(model, tok, prompts, cfg, greedy=True)
     texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]
     m: dict[str, float] = {}
     refused = [refusal(t) for t in texts]
@@ -124,7 +125,7 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
         idx = groups["reasoning"]
         m["reasoning_accuracy"] = sum(check_answer(texts[i], ordered[i].reference or "") for i in idx) / len(idx)
         k = cfg.samples
-        sampled = _generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k)
+        sampled = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k)
         hits = [check_answer(tok.decode(s, skip_special_tokens=True), ordered[idx[j // k]].reference or "")
                 for j, s in enumerate(sampled)]
         m["reasoning_pass1"] = sum(hits) / len(hits)

@@ -91,11 +91,11 @@ def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, flo
     d = DistillConfig(method="gkd" if method == "gkd" else "opd", loss="reverse_kl", lambda_on_policy=1.0,
                       prompts_per_step=BATCH, lr=LR)
 
-    def factory(m):
+    def factory(m, optimize):
         backend = TransformersBackend(m, tok, rcfg)
         if method == "gkd":
             return gkd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg)
-        return opd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg)
+        return opd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg, optimize)
 
     marks: list[tuple[float, float]] = []  # (time, tokens) after each step
     peak: list[Peak] = []

@@ -108,6 +108,10 @@ class RolloutConfig(_Section):
     batch_size: int = Field(64, ge=1)
     # What a response cut at max_new_tokens (no EOS) contributes: kept as is, or masked out.
     truncated: Literal["keep", "mask"] = "keep"
+    # backend: vllm (GPU machines): colocated engine per rank, or a `trl vllm-serve` server
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
 
 
 class FireConfig(_Section):
@@ -180,6 +184,10 @@ class DistillConfig(_Section):
     prompts_per_step: int = Field(64, ge=1)
     samples_per_prompt: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
+    # Optimiser steps per rollout batch = ppo_epochs x mini_batches (opd, fire, copsd). 1: the PPO ratio
+    # is exactly 1 and the behaviour log-probs come from the update's own forward (no extra pass).
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batches: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     warmup_steps: int = Field(10, ge=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -238,9 +246,16 @@ class ScheduleConfig(_Section):
 
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int = Field(0, ge=0)  # torch.set_num_threads; 0 = all cores
+    # torch.set_num_threads; 0 = the cores this process may use (its CPU affinity), shared evenly by the
+    # processes of one launch. On a shared machine set it (1 thread was 19x faster than all cores there).
+    threads: int = Field(0, ge=0)
+    # bf16 / fp16: teachers and the reference model load in that dtype, every engine pass runs under autocast
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # not "no": YAML 1.1 reads it as false
     trust_remote_code: bool = False
+    # The distill stage under N processes (torchrun: gloo on CPU, NCCL on GPUs); the global batch is sharded.
+    num_processes: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp2"] = "ddp"  # fsdp2: GPUs only (accelerate falls back to DDP on CPU)
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward (memory for time)
 
 
 class Params(_Section):

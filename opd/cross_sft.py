@@ -121,7 +121,7 @@ def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_
     pool = PromptPool(mix.rows, tok)
     fp = fingerprint_of(c.model_dump(), params.seed, str(t_path), len(mix.rows))
     teacher, history = train(acc, load_model(t_path, rt.trust_remote_code),
-                             lambda m: sft_step(acc, m, pool, tok, c.batch_size), settings,
+                             lambda m, _: sft_step(acc, m, pool, tok, c.batch_size), settings,
                              ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     summary = {"mix": mix.counts, "steps": steps, "self_sampling": stats,
                "mix_by_task": dict(Counter(r.task for r in mix.rows)),

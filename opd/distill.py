@@ -1,10 +1,13 @@
 """Distillation objectives: one optimisation step of OPD, GKD or SFT (ALGORITHMS.md section 0).
 
-Each ``*_step`` function builds the step function the training loop calls. A step draws prompts
-from a :class:`PromptPool` (with the global RNG, which the loop reseeds per step), samples from the
-current student when on-policy, scores the samples with the row's teacher on the teacher's own
-view of the prompt, and back-propagates a token-mean loss normalised by the global count of valid
-tokens over all micro-batches and processes.
+Each ``*_step`` function builds the step function the training loop calls. A step draws the GLOBAL
+batch of prompts from a :class:`PromptPool` (with the global RNG, which the loop reseeds per step
+identically on every rank), makes any other shared random choice, then takes its rank's shard
+(:func:`shard`); it samples from the current student when on-policy, scores the samples with the
+row's teacher on the teacher's own view of the prompt, and back-propagates a token-mean loss
+normalised by the global count of valid tokens over all micro-batches and processes. Every forward
+of the student that carries a gradient goes through the prepared (DDP / FSDP) module
+(:func:`opd.scoring.through`), so gradients are reduced across ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase
 
 from opd.config import DistillConfig, FireConfig, RolloutConfig
@@ -23,9 +27,10 @@ from opd.data import Row
 from opd.copsd import group_advantages, token_rewards
 from opd.fire import fire_advantages
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
-from opd.rollout import Rollout, RolloutBackend, rollout
+from opd.rollout import Rollout, RolloutBackend, rollout, sampler_gap
 from opd.scoring import Sequences, token_stats, vocab_divergence
 from opd.tokens import prompt_ids, response_ids
+from opd.train import Optimize
 
 DEFAULT_TEACHER = "default"
 
@@ -68,9 +73,29 @@ class PromptPool:
         return [self.examples[i] for i in idx]
 
 
+def shard(acc: Accelerator, items: Sequence[Any]) -> list[Any]:
+    """This rank's contiguous slice of a global batch, then this rank's own random stream.
+
+    Everything drawn before the call (the batch, GKD's on-policy coin) agrees across ranks, because
+    the loop seeds every rank alike; what is drawn after it (sampling) must differ, so ranks other
+    than 0 reseed. Rank 0 keeps the shared stream, so a one-process run draws exactly what it always did.
+    """
+    n, world, rank = len(items), acc.num_processes, acc.process_index
+    if world == 1:
+        return list(items)
+    if n % world:
+        raise ValueError(f"the global batch of {n} prompts does not split over {world} processes: set "
+                         f"distill.prompts_per_step (copsd.prompts_per_step for copsd) to a multiple of {world}")
+    if rank:
+        set_seed(torch.initial_seed() + 7919 * rank)
+    return list(items[rank * n // world:(rank + 1) * n // world])
+
+
 def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Example], responses: Sequence[list[int]],
-                     pad_id: int, chunk: int = 1024, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (and entropies) of ``responses`` under each sample's own teacher.
+                     pad_id: int, chunk: int = 1024, with_entropy: bool = False,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropies) of ``responses`` under each sample's own teacher, at the
+    rollout ``temperature`` (as both reference implementations score the teacher).
 
     Samples are grouped by teacher, scored on the teacher's view of the prompt, and scattered back
     into the student's ``[B, T-1]`` layout (responses are identical, so target positions align by
@@ -87,7 +112,7 @@ def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Ex
         t_seq = Sequences.build([examples[i].teacher_prompt for i in rows], [responses[i] for i in rows],
                                 pad_id).to(device)
         with torch.no_grad():
-            lp, en = token_stats(model, t_seq, chunk=chunk, with_entropy=with_entropy)
+            lp, en = token_stats(model, t_seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy)
         t_sel = t_seq.response_mask[:, 1:].bool()
         for j, i in enumerate(rows):
             logp[i, sel[i]] = lp[j, t_sel[j]].float().cpu()
@@ -178,58 +203,87 @@ def inline(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
              backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig,
-             ref_model: torch.nn.Module | None = None, shape: AdvantageFn = reverse_kl_advantage,
+             optimize: Optimize, ref_model: torch.nn.Module | None = None, shape: AdvantageFn = reverse_kl_advantage,
              need_entropy: bool = False, unit: Unit = inline) -> Callable[[int], dict[str, float]]:
     """Sampled-token OPD with a PPO-clip policy-gradient loss (+ optional KL to the initial student).
 
     A step is four units of work, each passed through ``unit(name, fn)`` so an orchestrator can run
     them as its own tasks (``tasks/distill.py`` makes them Prefect tasks) without this module
-    importing one: ``rollout`` (sample + behaviour log-probs), ``score`` (teacher log-probs),
-    ``shape`` (the method's advantages: FiRe filter and weights, COPSD group advantages) and
-    ``update`` (policy-gradient loss and backward over micro-batches; the loop steps the optimiser).
+    importing one: ``rollout`` (sample), ``score`` (teacher log-probs), ``shape`` (the method's
+    advantages: FiRe filter and weights, COPSD group advantages) and ``update`` (policy-gradient loss,
+    backward and optimiser steps).
+
+    One rollout batch makes ``ppo_epochs x mini_batches`` optimiser steps (the COPSD reference takes
+    4, so the PPO ratio leaves 1 and the clips act). With exactly one (the default) the behaviour
+    policy IS the policy being updated, so the behaviour log-probs (and entropies) are taken from
+    the update's own forward, detached, instead of from a separate teacher-forced pass: the ratio is
+    exactly 1, the gradient is the same, one student forward per step is saved. With several updates
+    (or gradient accumulation, which would have to keep every micro-batch's graph) the behaviour pass
+    runs once after sampling, as before.
     """
+    updates = cfg.ppo_epochs * cfg.mini_batches
+    fused = updates == 1 and cfg.grad_accum == 1
 
     def do_rollout(examples: list[Example]) -> Rollout:
         if hasattr(backend, "sync"):  # an engine holding its own weights (vLLM) must sample from the current student
             backend.sync(model)
         return rollout(backend, model, [e.student_prompt for e in examples], cfg.samples_per_prompt, tok.pad_token_id,
                        chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask",
-                       with_entropy=need_entropy)
+                       with_entropy=need_entropy, behaviour=not fused)
 
     def do_score(per_sample: list[Example], ro: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
         return teacher_logprobs(teachers, per_sample, ro.responses, tok.pad_token_id, cfg.chunk_size,
-                                with_entropy=need_entropy)
+                                with_entropy=need_entropy, temperature=rcfg.temperature)
 
-    def do_update(ro: Rollout, shaped: Shaped) -> float:
-        adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
-        count = global_count(acc, loss_mask)
-        total = 0.0
-        for sl in _micro(len(ro.responses), cfg.grad_accum):
-            seq = ro.seq.select(sl)
-            logp, _ = token_stats(model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
-            tok_loss = (pg_plain(logp, adv[sl]) if cfg.pg_loss == "plain"
-                        else pg_ppo_clip(logp, ro.old_logprobs[sl], adv[sl], cfg.clip_eps, cfg.dual_clip))
-            if cfg.kl_coef and ref_model is not None:
-                with torch.no_grad():
-                    ref_logp, _ = token_stats(ref_model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
-                tok_loss = tok_loss + cfg.kl_coef * kl_k3(logp, ref_logp)
-            loss = masked_mean(tok_loss, loss_mask[sl], count)
+    def token_loss(seq: Sequences, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        loss = (pg_plain(logp, adv) if cfg.pg_loss == "plain"
+                else pg_ppo_clip(logp, old, adv, cfg.clip_eps, cfg.dual_clip))
+        if cfg.kl_coef and ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _ = token_stats(ref_model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
+            loss = loss + cfg.kl_coef * kl_k3(logp, ref_logp)
+        return loss
+
+    def do_update(ro: Rollout, per_sample: list[Example], t_logp: torch.Tensor, t_ent: torch.Tensor | None,
+                  mask: torch.Tensor) -> tuple[float, Shaped]:
+        if fused:  # one forward: behaviour log-probs = this forward's, detached (ratio exactly 1)
+            logp, ent = token_stats(model, ro.seq, chunk=cfg.chunk_size, temperature=rcfg.temperature,
+                                    with_entropy=need_entropy)
+            ro.old_logprobs, ro.entropy = logp.detach(), ent
+            shaped = units["shape"](ro, per_sample, t_logp, mask, t_ent)
+            adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
+            loss = masked_mean(token_loss(ro.seq, logp, ro.old_logprobs, adv), loss_mask, global_count(acc, loss_mask))
             acc.backward(loss)
-            total += float(loss.detach())
-        return total
+            optimize(float(loss.detach()))
+            return float(loss.detach()), shaped
+        shaped = units["shape"](ro, per_sample, t_logp, mask, t_ent)
+        adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
+        total = 0.0
+        for _ in range(cfg.ppo_epochs):
+            for mb in _mini(len(ro.responses), cfg.mini_batches):
+                count = global_count(acc, loss_mask[mb])
+                loss_mb = 0.0
+                for sl in _sub(mb, cfg.grad_accum):
+                    seq = ro.seq.select(sl)
+                    logp, _ = token_stats(model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
+                    loss = masked_mean(token_loss(seq, logp, ro.old_logprobs[sl], adv[sl]), loss_mask[sl], count)
+                    acc.backward(loss)
+                    loss_mb += float(loss.detach())
+                optimize(loss_mb)
+                total += loss_mb / updates
+        return total, shaped
 
     units = {"rollout": unit("rollout", do_rollout), "score": unit("score", do_score),
              "shape": unit("shape", shape), "update": unit("update", do_update)}
 
     def step(i: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        examples = pool.draw(cfg.prompts_per_step)
+        examples = shard(acc, pool.draw(cfg.prompts_per_step))
         ro = units["rollout"](examples)
         per_sample = [e for e in examples for _ in range(cfg.samples_per_prompt)]
         t_logp, t_ent = units["score"](per_sample, ro)
         mask = ro.seq.targets_mask.cpu()
-        shaped = units["shape"](ro, per_sample, t_logp, mask, t_ent)
-        total = units["update"](ro, shaped)
+        total, shaped = units["update"](ro, per_sample, t_logp, t_ent, mask)
         lengths = mask.sum(1)
         n_tok = float(mask.sum())
         dt = time.perf_counter() - t0
@@ -240,16 +294,29 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
             "response_length": float(lengths.float().mean()),
             "truncated_frac": float(ro.truncated.float().mean()),
             "tokens_per_s": n_tok / dt,
+            **({"sampler_logprob_gap": sampler_gap(backend.last_logprobs, ro.responses, ro.old_logprobs.cpu(), mask)}
+               if getattr(backend, "last_logprobs", None) else {}),
             **shaped.metrics,
         }
 
     return step
 
 
+def _mini(n: int, parts: int) -> list[torch.Tensor]:
+    """``parts`` mini-batches of a rollout batch of ``n`` samples, in a fresh random order (rank-local RNG)."""
+    perm = torch.randperm(n) if parts > 1 else torch.arange(n)
+    return [perm[sl] for sl in _micro(n, parts)]
+
+
+def _sub(idx: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    return [idx[sl] for sl in _micro(len(idx), parts)]
+
+
 def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
              backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig
              ) -> Callable[[int], dict[str, float]]:
-    """GKD: full-vocabulary divergence on student samples (prob. lambda) or dataset responses."""
+    """GKD: full-vocabulary divergence on student samples (prob. lambda) or dataset responses.
+    The on-policy coin is tossed once per step for the global batch, so every rank agrees."""
     if len(teachers) != 1:
         raise ValueError("distill.method gkd takes one teacher; multi-teacher routing is for sampled-token methods")
     teacher = next(iter(teachers.values()))
@@ -258,6 +325,7 @@ def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
         t0 = time.perf_counter()
         examples = pool.draw(cfg.prompts_per_step)
         on_policy = bool(torch.rand(()) < cfg.lambda_on_policy) or any(e.reference is None for e in examples)
+        examples = shard(acc, examples)
         if on_policy and hasattr(backend, "sync"):
             backend.sync(model)
         if on_policy:
@@ -283,7 +351,8 @@ def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
 
 def sft_step(acc: Accelerator, model: torch.nn.Module, pool: PromptPool, tok: PreTrainedTokenizerBase,
              batch_size: int, grad_accum: int = 1, chunk: int = 1024) -> Callable[[int], dict[str, float]]:
-    """Cross-entropy on the rows' reference responses (teacher training, SFT baselines)."""
+    """Cross-entropy on the rows' reference responses (teacher training, SFT baselines);
+    ``batch_size`` is global (sharded over ranks)."""
     with_ref = [e for e in pool.examples if e.reference is not None]
     if not with_ref:
         raise ValueError("SFT needs rows with a reference response; none found")
@@ -291,12 +360,12 @@ def sft_step(acc: Accelerator, model: torch.nn.Module, pool: PromptPool, tok: Pr
     def step(i: int) -> dict[str, float]:
         t0 = time.perf_counter()
         idx = torch.randint(len(with_ref), (batch_size,)).tolist()
-        ex = [with_ref[j] for j in idx]
+        ex = shard(acc, [with_ref[j] for j in idx])
         seq = Sequences.build([e.student_prompt for e in ex], [list(e.reference or []) for e in ex],
                               tok.pad_token_id).to(acc.device)
         count = global_count(acc, seq.targets_mask)
         total = 0.0
-        for sl in _micro(batch_size, grad_accum):
+        for sl in _micro(len(ex), grad_accum):
             logp, _ = token_stats(model, seq.select(sl), chunk=chunk)
             loss = masked_mean(-logp, seq.select(sl).targets_mask, count)
             acc.backward(loss)

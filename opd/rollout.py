@@ -1,20 +1,26 @@
 """On-policy sampling from the student: batched, with the KV cache, behind one backend interface.
 
-The transformers backend calls ``generate`` (KV cache on) on length-sorted, left-padded batches.
+The transformers backend calls ``generate`` (KV cache on) on length-sorted, left-padded batches,
+sampling from the PURE policy ``softmax(logits / T)`` (top-p when set): the model folder's own
+``generation_config`` (repetition penalty, top-k, no-repeat n-grams...) is ignored, since samples
+drawn from any other distribution would bias the on-policy gradient silently. A response ends at
+any of the model's stop ids (the tokenizer's EOS and every id of ``generation_config.eos_token_id``).
 The behaviour policy's per-token log-probs are then recomputed in one teacher-forced pass with
 the same code the loss uses (:func:`opd.scoring.token_stats`), so the PPO ratio starts at exactly
-1 instead of carrying the small numeric gap between incremental decoding and a full forward pass.
+1 instead of carrying the small numeric gap between incremental decoding and a full forward pass
+(or taken from the update's own forward when a batch makes one update: ``behaviour=False``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from opd.config import RolloutConfig
 from opd.scoring import Sequences, token_stats
@@ -29,7 +35,7 @@ class Rollout:
     responses: list[list[int]]  # response ids, EOS included when generated
     truncated: torch.Tensor  # [B] bool: max_new_tokens hit before EOS
     seq: Sequences  # right-padded prompt + response
-    old_logprobs: torch.Tensor  # [B, T-1] behaviour log-probs on response targets
+    old_logprobs: torch.Tensor | None  # [B, T-1] behaviour log-probs on response targets (None: from the update)
     prompt_index: torch.Tensor  # [B] which input prompt each sample answers (groups of n)
     entropy: torch.Tensor | None = None  # [B, T-1] the behaviour policy's full-vocabulary entropy
 
@@ -39,12 +45,39 @@ class RolloutBackend(Protocol):
         """Return ``len(prompts) * n`` responses (prompt-major) and whether each was truncated."""
 
 
+def stop_ids(tok: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS, then the model's ``generation_config.eos_token_id``
+    (an int or a list: chat models often stop at both an end-of-turn and an end-of-text token)."""
+    ids = [tok.eos_token_id]
+    gc = getattr(getattr(model, "module", model), "generation_config", None)
+    extra = getattr(gc, "eos_token_id", None)
+    ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+@contextlib.contextmanager
+def pure_policy(model: torch.nn.Module) -> Iterator[None]:
+    """Hide the model's own ``generation_config`` for one ``generate`` call: transformers fills every
+    setting the call leaves unset from it (repetition penalty, top-k, min-p, no-repeat n-grams...)."""
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class TransformersBackend:
-    """``model.generate`` with the KV cache on length-sorted, left-padded batches."""
+    """``model.generate`` with the KV cache on length-sorted, left-padded batches, from the pure policy.
+
+    ``synced``: every rank keeps stepping until all ranks are done (transformers' ``synced_gpus``), which
+    FSDP needs, since each forward of a sharded model is a collective.
+    """
 
     def __init__(self, model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: RolloutConfig,
-                 progress: bool = False, greedy: bool = False):
-        self.model, self.tok, self.cfg, self.progress, self.greedy = model, tok, cfg, progress, greedy
+                 progress: bool = False, greedy: bool = False, synced: bool = False):
+        self.model, self.tok, self.cfg, self.progress, self.greedy, self.synced = model, tok, cfg, progress, greedy, synced
+        self.stops = stop_ids(tok, model)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], n: int) -> tuple[list[list[int]], list[bool]]:
@@ -54,69 +87,94 @@ class TransformersBackend:
         order = sorted(range(len(expanded)), key=lambda i: len(expanded[i]))
         out: list[list[int]] = [[] for _ in expanded]
         trunc: list[bool] = [False] * len(expanded)
-        eos = self.tok.eos_token_id
         was_training = model.training
         model.eval()
         bs = self.cfg.batch_size
+        gen_cfg = GenerationConfig(
+            do_sample=not self.greedy, max_new_tokens=self.cfg.max_new_tokens, eos_token_id=self.stops,
+            pad_token_id=self.tok.pad_token_id, use_cache=True,
+            **({} if self.greedy else {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "top_k": 0}))
         for start in tqdm(range(0, len(order), bs), desc="rollout", disable=not self.progress, leave=False):
             idx = order[start:start + bs]
             ids, mask = pad([expanded[i] for i in idx], self.tok.pad_token_id, "left")
-            sampling = {} if self.greedy else {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "top_k": 0}
-            gen = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=not self.greedy, **sampling,
-                max_new_tokens=self.cfg.max_new_tokens, eos_token_id=eos, pad_token_id=self.tok.pad_token_id,
-                use_cache=True,
-            )[:, ids.shape[1]:].tolist()
+            with pure_policy(model):
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                                     synced_gpus=self.synced)[:, ids.shape[1]:].tolist()
             for i, row in zip(idx, gen, strict=True):
-                out[i], trunc[i] = cut_at_eos(row, eos)
+                out[i], trunc[i] = cut_at_eos(row, self.stops)
         model.train(was_training)
         return out, trunc
 
 
-def cut_at_eos(row: Sequence[int], eos: int) -> tuple[list[int], bool]:
-    """Keep tokens up to and including the first EOS; flag rows that never produced one."""
+def cut_at_eos(row: Sequence[int], stops: int | Iterable[int]) -> tuple[list[int], bool]:
+    """Keep tokens up to and including the first stop id; flag rows that never produced one."""
     row = list(row)
-    if eos in row:
-        return row[: row.index(eos) + 1], False
+    stop = {stops} if isinstance(stops, int) else set(stops)
+    for i, t in enumerate(row):
+        if t in stop:
+            return row[: i + 1], False
     return row, True
 
 
 class VLLMBackend:
-    """vLLM sampling (GPU). Untested on this CPU-only project; used when ``rollout.backend: vllm``.
+    """vLLM sampling on GPUs, through TRL's ``VLLMGeneration`` (a well-kept adapter over today's vLLM).
 
-    The engine is created once from a folder of the current student; ``sync`` pushes updated
-    weights into it after each optimiser step (the TRL colocate recipe).
+    Colocated mode: one engine per rank on the rank's own device (vLLM's ``external_launcher``
+    executor, tensor-parallel groups of ``rollout.vllm_tensor_parallel_size`` ranks), sampling its
+    rank's shard. ``sync`` pushes the current student's weights into the engine through the model's
+    own ``load_weights`` after every optimiser step, gathering FSDP-sharded parameters first, and resets
+    the prefix cache (cached KV blocks of the old weights would otherwise be reused). Server mode
+    (``rollout.vllm_mode: server``) sends prompts to a ``trl vllm-serve`` process instead. Sampling is
+    the pure policy (temperature / top_p only; repetition penalty 1, no top-k). The sampler's own
+    log-probs are kept (``last_logprobs``) so the sampler-vs-trainer gap can be logged.
+
+    Not runnable on the project's CPU machines: ``benchmarks/gpu_check.py`` runs it on a GPU machine.
     """
 
-    def __init__(self, model_dir: str, tok: PreTrainedTokenizerBase, cfg: RolloutConfig, seed: int):
+    def __init__(self, model: torch.nn.Module, accelerator: object, tok: PreTrainedTokenizerBase, cfg: RolloutConfig,
+                 trust_remote_code: bool = False):
         try:
-            from vllm import LLM, SamplingParams
+            from trl.generation.vllm_generation import VLLMGeneration
         except ImportError as err:  # pragma: no cover - depends on the machine
-            raise RuntimeError("rollout.backend is 'vllm' but vllm is not installed; "
-                               "pip install vllm on a GPU machine, or set rollout.backend: transformers") from err
-        self.llm = LLM(model=model_dir, seed=seed, enable_prefix_caching=True, gpu_memory_utilization=0.3)
-        self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                     stop_token_ids=[tok.eos_token_id])
-        self.eos = tok.eos_token_id
+            raise RuntimeError("rollout.backend is 'vllm' but vllm / trl are not installed; on a GPU machine "
+                               "pip install -e '.[vllm]', or set rollout.backend: transformers") from err
+        self.stops = stop_ids(tok, model)
+        self.gen = VLLMGeneration(  # pragma: no cover - GPU only
+            getattr(model, "module", model), accelerator, tok, mode=cfg.vllm_mode,
+            tensor_parallel_size=cfg.vllm_tensor_parallel_size, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            trust_remote_code=trust_remote_code, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+            repetition_penalty=1.0, max_completion_length=cfg.max_new_tokens, logprobs=0,
+            generation_kwargs={"stop_token_ids": self.stops})
+        self.last_logprobs: list[list[float]] = []
 
     def sync(self, model: torch.nn.Module) -> None:  # pragma: no cover - GPU only
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights(getattr(model, "module", model).state_dict().items())
+        self.gen.sync_weights()
 
     def sample(self, prompts: Sequence[Sequence[int]], n: int) -> tuple[list[list[int]], list[bool]]:  # pragma: no cover
-        from vllm import TokensPrompt
-
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts for _ in range(n)],
-                                 self.params, use_tqdm=False)
-        res = [cut_at_eos(o.outputs[0].token_ids, self.eos) for o in outs]
+        expanded = [list(p) for p in prompts for _ in range(n)]
+        _, completions, logprobs, _ = self.gen.generate(expanded, None, n)
+        res = [cut_at_eos(c, self.stops) for c in completions]
+        self.last_logprobs = [[lp[0] for lp in row] for row in (logprobs or [])]
         return [r for r, _ in res], [t for _, t in res]
+
+
+def sampler_gap(sampler: Sequence[Sequence[float]], responses: Sequence[Sequence[int]], old: torch.Tensor,
+                mask: torch.Tensor) -> float:
+    """Mean |log-prob of the sampler - log-prob of the trainer| over response tokens: how far the engine
+    that sampled (vLLM) is from the policy being trained (0 for the transformers backend)."""
+    sel = mask.bool()
+    gaps = []
+    for b, (row, resp) in enumerate(zip(sampler, responses, strict=True)):
+        trainer = old[b][sel[b]].tolist()
+        gaps += [abs(a - t) for a, t in zip(row[: len(resp)], trainer, strict=False)]
+    return sum(gaps) / len(gaps) if gaps else 0.0
 
 
 def rollout(backend: RolloutBackend, model: torch.nn.Module, prompts: Sequence[Sequence[int]], n: int,
             pad_id: int, chunk: int = 1024, temperature: float = 1.0, mask_truncated: bool = False,
-            with_entropy: bool = False) -> Rollout:
+            with_entropy: bool = False, behaviour: bool = True) -> Rollout:
     """Sample ``n`` responses per prompt, then recompute their behaviour log-probs (and entropies)
-    teacher-forced, in the same pass."""
+    teacher-forced, in the same pass (``behaviour=False``: left to the update's forward)."""
     responses, trunc = backend.sample(prompts, n)
     expanded = [list(p) for p in prompts for _ in range(n)]
     seq = Sequences.build(expanded, responses, pad_id)
@@ -124,7 +182,9 @@ def rollout(backend: RolloutBackend, model: torch.nn.Module, prompts: Sequence[S
     if mask_truncated:
         seq.response_mask = seq.response_mask * (~truncated).long().unsqueeze(1)
     seq = seq.to(next(model.parameters()).device)
-    with torch.no_grad():
-        old, ent = token_stats(model, seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy)
+    old, ent = None, None
+    if behaviour:
+        with torch.no_grad():
+            old, ent = token_stats(model, seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy)
     index = torch.arange(len(prompts)).repeat_interleave(n)
     return Rollout(expanded, responses, truncated, seq, old, index, ent)

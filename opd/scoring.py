@@ -9,14 +9,16 @@ does not grow with ``sequence_length x vocab``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
 from opd.losses import Divergence, divergence_logprobs, entropy, head_chunks, token_logprobs, topk_with_tail
 from opd.tokens import join
 
+T = TypeVar("T")
 
 @dataclass
 class Sequences:
@@ -46,14 +48,45 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DDP / accelerate wrappers
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP / accelerate wrappers (FSDP2 shards in place: no wrapper)
+
+
+def through(model: torch.nn.Module, fn: Callable[[torch.nn.Module], T]) -> T:
+    """Run ``fn(inner_model)`` INSIDE ``model.__call__``, the forward redirection of Lightning and TRL.
+
+    The engine never needs full ``[B, T, V]`` logits, so it calls the backbone and a chunked LM head
+    itself. Called directly on the inner module, that would bypass the wrapper: DDP would never
+    prepare its gradient all-reduce (ranks silently train different students) and FSDP2 would never
+    all-gather the root's sharded weights. Routing the call through the wrapper's ``__call__`` (with the
+    inner ``forward`` swapped for ``fn`` for that one call) runs every hook the wrapper needs, and the
+    whole chunked computation, backbone and head, happens inside one wrapped forward.
+    """
+    inner = unwrap(model)
+    original = inner.__dict__.get("forward")  # accelerate may have patched an instance-level forward
+
+    def redirected(*_: Any, **__: Any) -> T:
+        _restore()
+        return fn(inner)
+
+    def _restore() -> None:
+        if original is None:
+            inner.__dict__.pop("forward", None)
+        else:
+            inner.forward = original
+
+    inner.forward = redirected
+    try:
+        return model()
+    finally:
+        _restore()
 
 
 def response_hidden(model: torch.nn.Module, seq: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states at the positions that predict response tokens: ``([N, H], [N] target ids)``."""
-    m = _unwrap(model)
-    out = m.base_model(input_ids=seq.input_ids, attention_mask=seq.attention_mask)
+    """Final hidden states at the positions that predict response tokens: ``([N, H], [N] target ids)``.
+
+    ``model`` is the inner (unwrapped) causal LM; call this from inside :func:`through`."""
+    out = model.base_model(input_ids=seq.input_ids, attention_mask=seq.attention_mask)
     sel = seq.response_mask[:, 1:].bool()
     return out.last_hidden_state[:, :-1][sel], seq.input_ids[:, 1:][sel]
 
@@ -67,20 +100,25 @@ def _scatter(values: torch.Tensor, seq: Sequences) -> torch.Tensor:
 
 def token_stats(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
                 with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-prob of the sequence's own next token (and the full-vocabulary entropy)."""
-    head = _unwrap(model).get_output_embeddings()
-    h, targets = response_hidden(model, seq)
+    """Per-token log-prob of the sequence's own next token (and the full-vocabulary entropy), at
+    ``temperature`` (the sampling temperature: the policy that sampled is ``softmax(logits / T)``).
+    ``model`` may be a DDP / FSDP-prepared module: the pass runs through its forward."""
 
-    def fn(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+    def fn(hc: torch.Tensor, tc: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
         logits = _upcast(head(hc)) / temperature
         lp = token_logprobs(logits, tc)
         if with_entropy:
             return torch.stack([lp, entropy(logits).detach()], -1)
         return lp.unsqueeze(-1)
 
-    out = head_chunks(fn, h, targets, chunk=chunk)
+    def run(m: torch.nn.Module) -> torch.Tensor:
+        h, targets = response_hidden(m, seq)
+        head = m.get_output_embeddings()
+        return head_chunks(lambda hc, tc: fn(hc, tc, head), h, targets, chunk=chunk)
+
+    out = through(model, run)
     logp = _scatter(out[:, 0], seq)
-    return logp, (_scatter(out[:, 1], seq) if with_entropy else None)
+    return logp, (_scatter(out[:, 1].detach(), seq) if with_entropy else None)
 
 
 def vocab_divergence(student: torch.nn.Module, s_seq: Sequences, teacher: torch.nn.Module, t_seq: Sequences,
@@ -91,20 +129,25 @@ def vocab_divergence(student: torch.nn.Module, s_seq: Sequences, teacher: torch.
     The teacher may see a different prompt (its own chat template, a constitution): the two
     sequence sets must hold the same responses in the same order, which is checked.
     """
-    s_head = _unwrap(student).get_output_embeddings()
-    t_head = _unwrap(teacher).get_output_embeddings()
-    s_h, s_tgt = response_hidden(student, s_seq)
+    t_inner = unwrap(teacher)
+    t_head = t_inner.get_output_embeddings()
     with torch.no_grad():
-        t_h, t_tgt = response_hidden(teacher, t_seq)
-    if s_tgt.shape != t_tgt.shape or not torch.equal(s_tgt, t_tgt):
-        raise ValueError("student and teacher sequences do not hold the same response tokens")
+        t_h, t_tgt = response_hidden(t_inner, t_seq)
 
-    def fn(sc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-        s_logp = torch.log_softmax(_upcast(s_head(sc)) / temperature, -1)
-        with torch.no_grad():
-            t_logp = torch.log_softmax(_upcast(t_head(tc)) / temperature, -1)
-        if top_k:
-            t_logp, s_logp = topk_with_tail(t_logp, s_logp, top_k)
-        return divergence_logprobs(s_logp, t_logp, kind, beta)
+    def run(m: torch.nn.Module) -> torch.Tensor:
+        s_head = m.get_output_embeddings()
+        s_h, s_tgt = response_hidden(m, s_seq)
+        if s_tgt.shape != t_tgt.shape or not torch.equal(s_tgt, t_tgt.to(s_tgt.device)):
+            raise ValueError("student and teacher sequences do not hold the same response tokens")
 
-    return _scatter(head_chunks(fn, s_h, t_h, chunk=chunk), s_seq)
+        def fn(sc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+            s_logp = torch.log_softmax(_upcast(s_head(sc)) / temperature, -1)
+            with torch.no_grad():
+                t_logp = torch.log_softmax(_upcast(t_head(tc)) / temperature, -1)
+            if top_k:
+                t_logp, s_logp = topk_with_tail(t_logp, s_logp, top_k)
+            return divergence_logprobs(s_logp, t_logp, kind, beta)
+
+        return head_chunks(fn, s_h, t_h.to(s_h.device), chunk=chunk)
+
+    return _scatter(through(student, run), s_seq)

@@ -25,7 +25,7 @@ from opd.evaluate import evaluate_model, load_detector, safety_tax
 from opd.models import build_llama, check_compatible, count_parameters, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend, VLLMBackend
 from opd.world.behaviour import cautious_rows
-from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
+from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
 
 MANIFEST = "manifest.json"
 
@@ -79,7 +79,7 @@ def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row]
     settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                             checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25)
     fp = fingerprint_of(name, mcfg.model_dump(), params.seed, len(train_rows))
-    return train(acc, model, lambda m: sft_step(acc, m, pool, tok, s.batch_size), settings,
+    return train(acc, model, lambda m, _: sft_step(acc, m, pool, tok, s.batch_size), settings,
                  ckpt_dir=ckpt_root / name, fingerprint=fp, on_log=log)
 
 
@@ -131,6 +131,12 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
+def frozen_dtype(precision: str) -> torch.dtype:
+    """Teachers and the reference model never train: under bf16 / fp16 they are stored in that dtype
+    (a 7B teacher in bf16 takes 14 GB, not 28); the student keeps fp32 master weights under autocast."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
     """COPSD's teacher: the Cross-SFT recalibrated one, or the original ("constitution OPSD")."""
     if params.copsd.teacher == "original":
@@ -153,6 +159,9 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     tok = load_tokenizer(s_path, rt.trust_remote_code)
     acc = make_accelerator(rt)
     student = load_model(s_path, rt.trust_remote_code)
+    if rt.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    frozen = frozen_dtype(rt.mixed_precision)
     paths = {"default": t_path}
     if d.routing == "by_row":
         paths |= {n: resolve(base, f"teacher_{n}") for n in params.teachers}
@@ -160,7 +169,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     for n, t in toks.items():
         check_compatible(t, tok, f"teacher {n!r}")
     # loaded once, eval mode, no gradients
-    teachers = {n: _frozen(load_model(p, rt.trust_remote_code), acc.device) for n, p in paths.items()}
+    teachers = {n: _frozen(load_model(p, rt.trust_remote_code, frozen), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
     route = (lambda r: r.teacher or "default") if d.routing == "by_row" else (lambda r: "default")
     teacher_text = lambda r: r.prompt  # noqa: E731
@@ -171,37 +180,39 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
         d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef, "lr": c.lr,
                                  "prompts_per_step": c.prompts_per_step})
     pool = PromptPool(rows, tok, toks, teacher_text=teacher_text, route=route)
-    ref = _frozen(copy.deepcopy(student), acc.device) if d.kl_coef else None
-    if params.rollout.backend == "vllm":
-        backend_of = lambda m: VLLMBackend(str(s_path), tok, params.rollout, params.seed)  # noqa: E731
-    else:
-        backend_of = lambda m: TransformersBackend(m, tok, params.rollout)  # noqa: E731
+    ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if d.kl_coef else None
+    sharded = acc.is_fsdp2
 
-    def factory(m: torch.nn.Module) -> Any:
+    def backend_of(m: torch.nn.Module) -> Any:
+        if params.rollout.backend == "vllm":
+            return VLLMBackend(m, acc, tok, params.rollout, rt.trust_remote_code)
+        return TransformersBackend(m, tok, params.rollout, synced=sharded)
+
+    def factory(m: torch.nn.Module, optimize: Any) -> Any:
         if d.method == "sft":
             return sft_step(acc, m, pool, tok, d.prompts_per_step, d.grad_accum, d.chunk_size)
         if d.method == "gkd":
             return gkd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout)
+        common = {"ref_model": ref, "unit": unit}
         if d.method == "copsd":
-            return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref,
-                            shape=copsd_shaping(params.copsd.reward_low, params.copsd.reward_high), need_entropy=True,
-                            unit=unit)
-        if d.method == "fire":
+            common |= {"shape": copsd_shaping(params.copsd.reward_low, params.copsd.reward_high), "need_entropy": True}
+        elif d.method == "fire":
             f = params.fire
-            return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref,
-                            shape=fire_shaping(acc, f), need_entropy=f.reweight or f.token_select, unit=unit)
-        return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, ref_model=ref, unit=unit)
+            common |= {"shape": fire_shaping(acc, f), "need_entropy": f.reweight or f.token_select}
+        return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, optimize, **common)
 
     settings = LoopSettings(steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,
                             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
-                            resume=d.resume, seed=params.seed, log_every=d.log_every)
+                            resume=d.resume, seed=params.seed, log_every=d.log_every,
+                            updates_per_step=d.ppo_epochs * d.mini_batches if d.method in ("opd", "fire", "copsd") else 1)
     fp = fingerprint_of(to_flat_dict(params), {n: str(p) for n, p in paths.items()}, str(s_path))
     t0 = time.perf_counter()
     model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
-    save_model(model, tok, out)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    save_trained(acc, model, tok, out)
+    if acc.is_main_process:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
-               "final": history[-1] if history else {}}
+               "processes": acc.num_processes, "final": history[-1] if history else {}}
     return summary, history
 
 
@@ -210,11 +221,11 @@ def evaluate_stage(params: Params, prepared: Path, models: dict[str, Path]) -> t
     """Evaluate several models side by side on the eval split."""
     rows = load_rows(prepared, "eval")
     detector = load_detector(params.evaluate.refusal_detector)
-    make_accelerator(params.runtime)  # sets threads
+    acc = make_accelerator(params.runtime)  # threads and the configured device
     table, samples = {}, {}
     for name, path in models.items():
         tok = load_tokenizer(path, params.runtime.trust_remote_code)
-        model = load_model(path, params.runtime.trust_remote_code)
+        model = load_model(path, params.runtime.trust_remote_code, frozen_dtype(params.runtime.mixed_precision)).to(acc.device)
         torch.manual_seed(params.seed)
         table[name], samples[name] = evaluate_model(model, tok, rows, params.evaluate, detector)
     if "student" in table and "student_init" in table:

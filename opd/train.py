@@ -4,9 +4,11 @@ One loop serves every method: a *step function* does the forward and backward pa
 optimisation step (rollout, scoring and micro-batches included) and returns its metrics; this
 module owns everything around it.
 
-Exact resume without data-loader state: each step reseeds every RNG from ``(seed, step, rank)``
-before it runs, so which prompts a step draws and what it samples depend only on the step number
-and the weights. A checkpoint therefore needs only model, optimiser and scheduler state (saved by
+Exact resume without data-loader state: each step reseeds every RNG from ``(seed, step)`` before it
+runs, identically on every process, so the GLOBAL batch a step draws (and any other shared random
+choice) agrees across ranks; :func:`opd.distill.shard` then hands each rank its slice and moves ranks
+other than 0 onto their own stream for sampling. What a step does therefore depends only on the step
+number, the world size and the weights. A checkpoint therefore needs only model, optimiser and scheduler state (saved by
 ``accelerator.save_state`` into a temp folder renamed into place), and a run killed at any point
 resumes from its last complete checkpoint to the same weights as an uninterrupted run.
 """
@@ -27,16 +29,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from opd.config import RuntimeConfig
+from opd.data import atomic_dir
 
 StepFn = Callable[[int], dict[str, float]]
+Optimize = Callable[[float], dict[str, float]]
 STATE_FILE = "trainer_state.json"
+SUMMED = ("tokens_per_s",)  # per-rank rates add up; every other metric is averaged over ranks
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised before the optimiser step when a loss or gradient is NaN / inf."""
+    """Raised before the optimiser step when a loss or gradient is NaN / inf (on any rank)."""
 
 
 @dataclass
@@ -51,15 +56,67 @@ class LoopSettings:
     resume: str = "auto"
     seed: int = 0
     log_every: int = 10
+    updates_per_step: int = 1  # optimiser steps per loop step (PPO epochs x mini-batches): sizes the schedule
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(world_size: int) -> int:
+    """``runtime.threads: 0``: the process's cores shared evenly by the processes of one launch."""
+    return max(1, available_cores() // max(1, world_size))
+
+
+def world_size() -> int:
+    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE), before any Accelerator."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def make_accelerator(runtime: RuntimeConfig) -> Accelerator:
-    """CPU here; ``accelerate launch`` on GPUs gives DDP / FSDP / DeepSpeed with the same code."""
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
+    """One process here, or one rank of a ``torchrun`` / ``accelerate launch`` (DDP over gloo on CPU,
+    NCCL on GPUs; FSDP2 with ``runtime.strategy: fsdp2`` on GPUs)."""
+    torch.set_num_threads(runtime.threads or default_threads(world_size()))
     cpu = runtime.device == "cpu" or (runtime.device == "auto" and not torch.cuda.is_available())
     precision = "no" if runtime.mixed_precision == "fp32" else runtime.mixed_precision
-    return Accelerator(cpu=cpu, mixed_precision=precision)
+    if torch.cuda.is_available() and not cpu:  # fp32 matmuls on tensor cores (TF32), as TRL / torchtune do
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    plugin = None
+    if runtime.strategy == "fsdp2":
+        if cpu:
+            raise ValueError("runtime.strategy: fsdp2 needs CUDA devices (accelerate falls back to DDP on CPU); "
+                             "use runtime.strategy: ddp here")
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+                                                cpu_ram_efficient_loading=False)
+    return Accelerator(cpu=cpu, mixed_precision=precision, fsdp_plugin=plugin)
+
+
+def reduce_metrics(acc: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Global step metrics: the mean over ranks (the sum for rates); identity on one process."""
+    if acc.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    vals = acc.reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=acc.device), "sum")
+    return {k: float(v) if k in SUMMED else float(v) / acc.num_processes for k, v in zip(keys, vals.cpu(), strict=True)}
+
+
+def save_trained(acc: Accelerator, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str | Path) -> None:
+    """Write the trained model (safetensors) and tokenizer from the main process only, through an atomic
+    folder swap. The full state dict is gathered on every rank first (a collective under FSDP)."""
+    state = acc.get_state_dict(model)
+    if acc.is_main_process:
+        with atomic_dir(out) as tmp:
+            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tok.save_pretrained(tmp)
+    acc.wait_for_everyone()
 
 
 def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -100,20 +157,50 @@ def _save(acc: Accelerator, ckpt_dir: Path, step: int, fingerprint: str, history
     return final
 
 
-def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[torch.nn.Module], StepFn],
+def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[torch.nn.Module, Optimize], StepFn],
           s: LoopSettings, ckpt_dir: Path | None = None, fingerprint: str = "",
           on_log: Callable[[int, dict[str, float]], None] | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
-    """Run ``s.steps`` optimisation steps; returns the unwrapped model and the per-step metrics.
+    """Run ``s.steps`` steps; returns the unwrapped model and the per-step metrics (global over ranks).
 
-    ``step_fn_factory(prepared_model)`` builds the step function around the accelerate-wrapped
-    model (it calls ``acc.backward`` itself, once per micro-batch).
+    ``step_fn_factory(prepared_model, optimize)`` builds the step function around the accelerate-
+    prepared model. A step calls ``acc.backward`` itself, once per micro-batch; it may call
+    ``optimize(loss)`` to take optimiser steps itself (several PPO updates per rollout batch), and
+    when it does not, the loop takes one after it. Every step runs under the accelerator's autocast
+    (bf16 / fp16 when ``runtime.mixed_precision`` says so). Checkpoints belong to one world size: the
+    fingerprint includes it.
     """
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
-    sched = get_cosine_schedule_with_warmup(opt, s.warmup_steps, max(s.steps, 1))
+    sched = get_cosine_schedule_with_warmup(opt, s.warmup_steps * s.updates_per_step,
+                                            max(s.steps * s.updates_per_step, 1))
     model, opt, sched = acc.prepare(model, opt, sched)
+    fingerprint = f"{fingerprint}-world{acc.num_processes}"
     history: list[dict[str, Any]] = []
     start = 0
     last_good: Path | None = None
+    step = 0
+    updates = 0
+    last_update: dict[str, float] = {}
+
+    def optimize(loss: float) -> dict[str, float]:
+        """Clip, check, step: the same decision on every rank (loss and grad norm are global)."""
+        nonlocal updates, last_update
+        loss = float(acc.reduce(torch.tensor(loss, dtype=torch.float64, device=acc.device), "mean")) \
+            if acc.num_processes > 1 else loss
+        grad_norm = acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            opt.zero_grad(set_to_none=True)
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint written yet"
+            raise NonFiniteLoss(f"non-finite loss at step {step + 1} (loss={loss}, grad_norm={grad_norm}, "
+                                f"over {acc.num_processes} process(es)); stopped before the update, {where}. "
+                                "Lower the learning rate or check the data.")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        updates += 1
+        last_update = {"grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+        return last_update
+
     if ckpt_dir is not None and s.resume == "auto":
         found = latest_checkpoint(ckpt_dir, fingerprint)
         if found:
@@ -121,27 +208,20 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
             acc.load_state(str(last_good))  # after prepare, as accelerate requires for exact resume
             history = json.loads((last_good / STATE_FILE).read_text())["history"]
             acc.print(f"resumed from {last_good} (step {start})")
-    step_fn = step_fn_factory(model)
+    step_fn = step_fn_factory(model, optimize)
     model.train()
     bar = tqdm(total=s.steps, initial=start, desc="train", disable=not acc.is_main_process, leave=False)
     for step in range(start, s.steps):
-        set_seed(s.seed * 1_000_003 + step * 101 + acc.process_index)
-        metrics = step_fn(step)
-        loss = metrics.get("loss", 0.0)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            opt.zero_grad(set_to_none=True)
-            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint written yet"
-            raise NonFiniteLoss(f"non-finite loss at step {step + 1} (loss={loss}, grad_norm={grad_norm}); "
-                                f"stopped before the update, {where}. Lower the learning rate or check the data.")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = {**metrics, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step": step + 1}
+        set_seed(s.seed * 1_000_003 + step * 101)  # the same on every rank: see the module docstring
+        before = updates
+        with acc.autocast():
+            metrics = step_fn(step)
+        if updates == before:
+            optimize(metrics.get("loss", 0.0))
+        metrics = {**reduce_metrics(acc, metrics), **last_update, "step": step + 1}
         history.append(metrics)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        bar.set_postfix(loss=f"{metrics.get('loss', 0.0):.4g}", refresh=False)
         if on_log and ((step + 1) % s.log_every == 0 or step + 1 == s.steps):
             on_log(step + 1, metrics)
         if ckpt_dir is not None and s.checkpoint_every and (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:

@@ -141,7 +141,7 @@ def grads_of_one_step(setup, shape_of, grad_accum, n_prompts=8):
     torch.manual_seed(0)
     shape, need = shape_of(acc)
     step = opd_step(acc, student, {"default": teacher}, PromptPool(rows, tok), TransformersBackend(student, tok, rcfg),
-                    tok, cfg, rcfg, shape=shape, need_entropy=need)
+                    tok, cfg, rcfg, lambda loss: {}, shape=shape, need_entropy=need)  # keep the gradient: no update
     metrics = step(0)
     return metrics, torch.cat([p.grad.flatten() for p in student.parameters()])
 

@@ -141,7 +141,7 @@ def test_nan_loss_stops_with_the_step_named(base, tmp_path):
     pool = PromptPool(load_rows(lay.prepared, "train"), tok)
     acc = make_accelerator(params.runtime)
 
-    def factory(m):
+    def factory(m, _):
         real = sft_step(acc, m, pool, tok, 4)
 
         def step(i):

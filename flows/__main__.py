@@ -2,6 +2,7 @@
 
 DVC stages call this, so ``dvc repro`` and a Prefect run go through the same flow code.
 ``--set`` values are parsed as YAML (``--set distill.lr=1e-3``) and validated by the same config.
+``runtime.num_processes > 1`` runs the distill stage as that many processes (``flows/launch.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
     try:
+        from flows.launch import DISTRIBUTED_STAGES, in_launch, rank, relaunch, worker
+        from opd.config import load
+
+        params = load(args.params, overrides or None)
+        if in_launch() and rank() != 0:
+            worker(args.stage, params)
+            return 0
+        if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
+            return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
+        if in_launch() and args.stage not in DISTRIBUTED_STAGES:
+            raise ValueError(f"only the {', '.join(DISTRIBUTED_STAGES)} stage runs under several processes")
         if args.stage == "serve":  # a long-running deployment, not a flow run
             from flows.serve import serve
 

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from flows.cross_sft import cross_sft_flow
 from flows.distill import distill_flow
 from flows.evaluate import evaluate_flow
+from flows.launch import run_stage_processes
 from flows.prepare import prepare_flow
 from flows.register import register_flow
 from flows.teacher import teacher_flow
@@ -31,6 +32,10 @@ def opd_pipeline(params_path: str | None = None, overrides: dict[str, Any] | Non
         for name, stage in (("prepare", prepare_flow), ("teacher", teacher_flow), ("cross_sft", cross_sft_flow),
                             ("distill", distill_flow),
                             ("evaluate", evaluate_flow), ("register", register_flow)):
+            if name == "distill" and params.runtime.num_processes > 1:  # its own launch of N processes
+                run_stage_processes(name, params, params_path, overrides)
+                result[name] = {"processes": params.runtime.num_processes}
+                continue
             result[name] = stage(**kw)
         return result
     except BaseException:

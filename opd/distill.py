@@ -303,9 +303,12 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
 
 
 def _mini(n: int, parts: int) -> list[torch.Tensor]:
-    """``parts`` mini-batches of a rollout batch of ``n`` samples, in a fresh random order (rank-local RNG)."""
-    perm = torch.randperm(n) if parts > 1 else torch.arange(n)
-    return [perm[sl] for sl in _micro(n, parts)]
+    """``parts`` mini-batches of a rollout batch of ``n`` samples, strided (sample i goes to i mod parts).
+
+    Strided, not shuffled: with each rank's shard a multiple of ``parts`` long, the union of the ranks'
+    j-th mini-batches is exactly the j-th mini-batch of one process over the global batch, so N
+    processes take the same optimiser steps as one (a per-rank shuffle would not)."""
+    return [torch.arange(j, n, parts) for j in range(min(parts, n))]
 
 
 def _sub(idx: torch.Tensor, parts: int) -> list[torch.Tensor]:

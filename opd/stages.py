@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from opd.copsd import load_constitutions, wrap
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector, safety_tax
 from opd.models import build_llama, check_compatible, count_parameters, load_model, load_tokenizer, save_model
-from opd.rollout import TransformersBackend, VLLMBackend
+from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend
 from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
 
@@ -149,9 +150,12 @@ def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
 
 
 def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: Path, ckpt_dir: Path,
-                  log: Any = None, unit: Unit = inline) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  log: Any = None, unit: Unit = inline,
+                  sampler: Callable[[torch.nn.Module], RolloutBackend] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distil the initial student from the teacher with ``distill.method``; save to ``out``.
-    ``unit`` wraps each unit of a sampled-token step (see :func:`opd.distill.opd_step`)."""
+    ``unit`` wraps each unit of a sampled-token step (see :func:`opd.distill.opd_step`); ``sampler``
+    replaces the configured rollout backend (a remote sampler, or a deterministic one in tests).
+    Under several processes every rank calls this; only rank 0 writes."""
     rt = params.runtime
     d = params.distill
     s_path = resolve(base, "student_init")
@@ -184,6 +188,8 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     sharded = acc.is_fsdp2
 
     def backend_of(m: torch.nn.Module) -> Any:
+        if sampler is not None:
+            return sampler(m)
         if params.rollout.backend == "vllm":
             return VLLMBackend(m, acc, tok, params.rollout, rt.trust_remote_code)
         return TransformersBackend(m, tok, params.rollout, synced=sharded)

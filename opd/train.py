@@ -96,6 +96,12 @@ def make_accelerator(runtime: RuntimeConfig) -> Accelerator:
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                                 reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
                                                 cpu_ram_efficient_loading=False)
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; the
+    # stages of one process (the pipeline flow, a notebook) each configure their own, so the precision
+    # part of that state is cleared first (the distributed part, PartialState, is kept).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=cpu, mixed_precision=precision, fsdp_plugin=plugin)
 
 

@@ -1,0 +1,142 @@
+"""Several processes (torchrun, gloo on CPU) train ONE student: ranks agree, equal one process on the
+same global batch, FSDP2 equals DDP, a NaN on one rank stops all, kill + resume is exact.
+
+Each launch runs ``tests/workers/ranks.py`` under ``torch.distributed.run``; the tiny project (prepared
+data, teacher, initial student) is built once for the module.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from opd.config import load
+from opd.stages import teacher_stage
+from tests.conftest import REPO, tiny
+from tests.test_stages import prepare
+
+WORKER = REPO / "tests" / "workers" / "ranks.py"
+ONE_STEP = ("opd", "fire", "gkd", "copsd")
+
+
+def launch(mode: str, root: Path, out: Path, procs: int = 2, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(WORKER), mode, str(root), str(out)]
+    if procs > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *cmd[1:]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    params = load(root / "params.yaml")
+    lay = prepare(root, params)
+    teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
+    return root
+
+
+@pytest.fixture(scope="module")
+def methods(proj, tmp_path_factory):
+    """Every method under 2 processes and under 1, with a sampler that depends only on the prompt."""
+    out = tmp_path_factory.mktemp("methods")
+    for procs in (2, 1):
+        r = launch("methods", proj, out, procs)
+        assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+def states(out: Path, name: str) -> tuple[dict, dict, dict]:
+    return tuple(torch.load(out / f"{name}-{w}.pt") for w in ("w2-rank0", "w2-rank1", "w1-rank0"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("name", ONE_STEP)
+def test_one_step_under_two_processes_equals_one_process(methods, name):
+    r0, r1, single = states(methods, name)
+    assert max_diff(r0["state"], r1["state"]) == 0.0  # DDP reduced the gradients: one model, not two
+    assert max_diff(r0["state"], single["state"]) < 1e-6  # the same update as one process on the global batch
+    assert r0["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["opd_ppo", "opd_2steps"])
+def test_several_updates_keep_the_ranks_identical(methods, name):
+    """Several optimiser steps: ranks still bit-identical; against one process the parameters agree to
+    Adam's resolution (a ~1e-9 gradient difference on a near-zero gradient moves an element by up to lr)."""
+    r0, r1, single = states(methods, name)
+    assert max_diff(r0["state"], r1["state"]) == 0.0
+    assert max_diff(r0["state"], single["state"]) < 2e-3  # lr 1e-3
+    assert r0["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], rel=0.05)
+
+
+def test_fsdp2_step_equals_the_ddp_step(proj, methods, tmp_path):
+    r = launch("fsdp2", proj, tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    fsdp = torch.load(tmp_path / "fsdp2.pt")["state"]
+    ddp = states(methods, "opd")[0]["state"]
+    assert max_diff(fsdp, ddp) < 1e-6
+
+
+def test_nan_on_one_rank_stops_every_rank(proj, tmp_path):
+    r = launch("nan", proj, tmp_path, timeout=180)  # without the global decision rank 0 would hang here
+    assert r.returncode == 0, r.stderr[-4000:]
+    for rank in (0, 1):
+        msg = (tmp_path / f"nan-rank{rank}.txt").read_text()
+        assert msg.startswith("non-finite loss at step 2") and "over 2 process(es)" in msg
+
+
+def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_weights(proj, tmp_path):
+    killed = launch("resume", proj, tmp_path / "a", KILL_AT="3")
+    assert killed.returncode != 0 and (tmp_path / "a" / "ckpt" / "step-000002").is_dir()
+    resumed = launch("resume", proj, tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    full = launch("resume", proj, tmp_path / "b")
+    assert full.returncode == 0, full.stderr[-4000:]
+    assert (tmp_path / "a/student/model.safetensors").read_bytes() == (tmp_path / "b/student/model.safetensors").read_bytes()
+
+
+def test_bf16_loads_frozen_models_in_bf16_and_runs_the_step_under_autocast(proj, tmp_path, monkeypatch):
+    from opd import stages
+    from opd.paths import Layout
+    from opd.train import LoopSettings, make_accelerator, train
+
+    lay = Layout(proj)
+    dtypes = []
+    real = stages.load_model
+
+    def spy(path, trust_remote_code=False, dtype=torch.float32):
+        dtypes.append(dtype)
+        return real(path, trust_remote_code, dtype)
+
+    monkeypatch.setattr(stages, "load_model", spy)
+    params = load(proj / "params.yaml", {"runtime.mixed_precision": "bf16", "distill.steps": 2})
+    _, history = stages.distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s",
+                                      tmp_path / "ck")
+    assert dtypes == [torch.float32, torch.bfloat16]  # the student keeps fp32 master weights; the teacher is bf16
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+    acc = make_accelerator(params.runtime)
+    seen = []
+
+    def factory(m, _):
+        def step(i):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            loss = m(input_ids=torch.tensor([[1, 2, 3]])).logits.float().mean()
+            acc.backward(loss)
+            return {"loss": float(loss)}
+        return step
+
+    train(acc, real(stages.resolve(lay.models_base, "student_init")), factory, LoopSettings(steps=1, lr=1e-3))
+    assert seen == [(True, torch.bfloat16)]

@@ -149,6 +149,8 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     assert parent.info.status == "FINISHED" and parent.info.run_id == result["mlflow_run_id"]
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(stages) == STAGES
+    assert [r.info.run_name for r in runs].count("distill") == 1  # two ranks, one tracked run
+    assert json.loads((tmp_path / "metrics/distill.json").read_text())["processes"] == 2
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     for name, run in stages.items():
         t = run.data.tags
@@ -212,10 +214,12 @@ def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefe
 
 # ----------------------------------------------------------------------------- dvc repro runs the flows
 def test_dvc_repro_of_the_tiny_pipeline_fills_the_store(tmp_path):
+    """``dvc repro`` with the distill stage under 2 processes (runtime.num_processes): one student, one
+    distill run in MLflow (rank 0's), lineage intact."""
     from tests.test_prepare import copy_repo
 
     copy_repo(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(**{"runtime.num_processes": 2})))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PREFECT_HOME": str(REPO / ".prefect"), "OPD_PIPELINE_KEY": "test-key"}
     for k in ("OPD_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
@@ -231,6 +235,8 @@ def test_dvc_repro_of_the_tiny_pipeline_fills_the_store(tmp_path):
     assert len(parents) == 1  # five processes, one pipeline run
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(stages) == STAGES
+    assert [r.info.run_name for r in runs].count("distill") == 1  # two ranks, one tracked run
+    assert json.loads((tmp_path / "metrics/distill.json").read_text())["processes"] == 2
     lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
     prepared_md5 = next(o["md5"] for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
     assert stages["distill"].data.tags["dvc.in.data/prepared"] == prepared_md5

@@ -7,6 +7,7 @@ data, teacher, initial student) is built once for the module.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -140,3 +141,14 @@ def test_bf16_loads_frozen_models_in_bf16_and_runs_the_step_under_autocast(proj,
 
     train(acc, real(stages.resolve(lay.models_base, "student_init")), factory, LoopSettings(steps=1, lr=1e-3))
     assert seen == [(True, torch.bfloat16)]
+
+
+def test_gpu_check_runs_on_cpu_and_reports_rank_agreement(proj, tmp_path):
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--project", str(proj), "--steps", "2",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["processes"], row["backend"]) for row in rows] == [(1, "transformers"), (2, "transformers")]
+    assert all(row["rank_max_param_diff"] == 0.0 and row["tokens_per_s"] > 0 for row in rows)
+    assert "| transformers | fp32 | 2 | cpu |" in r.stdout and "skipped: vllm" in r.stdout

@@ -164,7 +164,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     acc = make_accelerator(rt)
     student = load_model(s_path, rt.trust_remote_code)
     if rt.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     frozen = frozen_dtype(rt.mixed_precision)
     paths = {"default": t_path}
     if d.routing == "by_row":

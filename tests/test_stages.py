@@ -63,6 +63,8 @@ def test_teacher_stage_trains_both_models(base):
     {"distill.method": "fire"},
     {"distill.method": "fire", "fire.token_select": True, "fire.normalize": "batch"},
     {"distill.method": "copsd", "copsd.teacher": "original"},
+    {"distill.method": "copsd", "copsd.teacher": "original", "distill.ppo_epochs": 2, "distill.mini_batches": 2,
+     "runtime.gradient_checkpointing": True},
 ])
 def test_distill_then_evaluate(base, tmp_path, overrides):
     root, lay, _, _ = base

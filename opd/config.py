@@ -50,6 +50,9 @@ class DataConfig(_Section):
     min_prompt_chars: int = Field(1, ge=1)
     max_prompt_chars: int = Field(400, ge=8)
     max_reference_chars: int = Field(800, ge=8)
+    # how reasoning references state the final answer (opd/answers.py): auto | answer_line | gsm8k |
+    # boxed | last_number | "module:function"
+    answer_format: str = "auto"
 
     @model_validator(mode="after")
     def _path_for_user_data(self) -> DataConfig:
@@ -57,6 +60,11 @@ class DataConfig(_Section):
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.min_prompt_chars > self.max_prompt_chars:
             raise ValueError("data.min_prompt_chars must not exceed data.max_prompt_chars")
+        from opd.answers import FORMATS
+
+        if self.answer_format not in FORMATS and ":" not in self.answer_format:
+            raise ValueError(f"data.answer_format {self.answer_format!r}: expected one of {list(FORMATS)} "
+                             "or 'module:function'")
         return self
 
 
@@ -92,12 +100,36 @@ class SFTConfig(_Section):
     constitution_mode: Literal["none", "cautious"] = "none"
 
 
+class InitConfig(_Section):
+    """The student derived from the teacher by layer pruning (``student.init``): the teacher's
+    embeddings, norm, head, tokenizer and chat template, and a subset of its decoder layers."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: Literal["teacher"] = Field("teacher", alias="from")
+    keep_layers: list[int] | None = None  # explicit indices, e.g. [0, 10, 20, 29]
+    n_layers: int | None = Field(None, ge=1)  # or K evenly spaced layers (first and last kept)
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> InitConfig:
+        if (self.keep_layers is None) == (self.n_layers is None):
+            raise ValueError("student.init: set exactly one of keep_layers or n_layers")
+        return self
+
+
 class ModelConfig(_Section):
-    """A teacher or the student: a local folder, or an architecture trained in the teacher stage."""
+    """A teacher or the student: a local folder, or an architecture trained in the teacher stage.
+    The student may instead be pruned from the teacher (``init``), then SFT-ed when ``sft.steps`` > 0."""
 
     path: str | None = None
     arch: ArchConfig = ArchConfig()
     sft: SFTConfig = SFTConfig()
+    init: InitConfig | None = None
+
+    @model_validator(mode="after")
+    def _path_or_init(self) -> ModelConfig:
+        if self.path and self.init:
+            raise ValueError("set either path or init (a student pruned from the teacher), not both")
+        return self
 
 
 class RolloutConfig(_Section):
@@ -268,6 +300,8 @@ class Params(_Section):
         bad = sorted(n for n in self.teachers if n == "default" or not n.isidentifier())
         if bad:
             raise ValueError(f"teachers: invalid teacher names {bad} (identifiers, not 'default')")
+        if self.teacher.init or any(t.init for t in self.teachers.values()):
+            raise ValueError("init (pruning from the teacher) is a student setting: student.init")
         return self
 
     seed: int = Field(0, ge=0)

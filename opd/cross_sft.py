@@ -31,7 +31,8 @@ from opd.config import CrossSFTConfig, Params, RolloutConfig
 from opd.copsd import cross_sft_rows, wrap
 from opd.data import Row, atomic_dir
 from opd.distill import PromptPool, sft_step
-from opd.evaluate import check_answer, load_detector, token_f1
+from opd.answers import check_answer
+from opd.evaluate import load_detector, token_f1
 from opd.models import check_compatible, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend
 from opd.stages import constitutions_of, load_rows, resolve, write_json
@@ -41,29 +42,31 @@ from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
 TEACHER_DIR = "teacher"
 
 
-def acceptable(row: Row, answer: str, refusal: Callable[[str], bool], min_f1: float) -> bool:
+def acceptable(row: Row, answer: str, refusal: Callable[[str], bool], min_f1: float, answer_format: str = "auto") -> bool:
     """The checker of source (a): a non-refusal that is right (reasoning) or close to the reference."""
     if refusal(answer) or not row.reference:
         return False
     if row.task == "reasoning":
-        return check_answer(answer, row.reference)
+        return check_answer(answer, row.reference, answer_format)
     return token_f1(answer, row.reference) >= min_f1
 
 
-def pick(row: Row, texts: Sequence[str], refusal: Callable[[str], bool], cfg: CrossSFTConfig) -> str | None:
+def pick(row: Row, texts: Sequence[str], refusal: Callable[[str], bool], cfg: CrossSFTConfig,
+         answer_format: str = "auto") -> str | None:
     """One accepted answer among a prompt's samples (``cfg.keep``), or None when none is accepted.
 
     ``first`` is an unbiased draw of the student's acceptable answers; ``best`` the one closest to
     the reference (token F1), which concentrates the recalibrated teacher on the student's best style.
     """
-    ok = [t for t in texts if acceptable(row, t, refusal, cfg.min_f1)]
+    ok = [t for t in texts if acceptable(row, t, refusal, cfg.min_f1, answer_format)]
     if not ok:
         return None
     return ok[0] if cfg.keep == "first" else max(ok, key=lambda t: token_f1(t, row.reference or ""))
 
 
 def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row], cfg: CrossSFTConfig,
-                 rcfg: RolloutConfig, refusal: Callable[[str], bool]) -> tuple[list[tuple[Row, str]], dict[str, Any]]:
+                 rcfg: RolloutConfig, refusal: Callable[[str], bool],
+                 answer_format: str = "auto") -> tuple[list[tuple[Row, str]], dict[str, Any]]:
     """Sample ``cfg.samples`` answers per prompt from the student; keep one accepted answer per prompt."""
     if not rows:
         return [], {"candidates": 0}
@@ -72,7 +75,7 @@ def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Seq
     kept: list[tuple[Row, str]] = []
     for i, r in enumerate(rows):
         texts = [tok.decode(s, skip_special_tokens=True) for s in samples[i * cfg.samples:(i + 1) * cfg.samples]]
-        ok = pick(r, texts, refusal, cfg)
+        ok = pick(r, texts, refusal, cfg, answer_format)
         if ok is not None:
             kept.append((r, ok))
     by_task = Counter(r.task for r, _ in kept)
@@ -91,9 +94,26 @@ def oracle_answers(path: str, rows: Sequence[Row], constitutions: dict[str, str]
     return [replace(r, reference=tok.decode(o, skip_special_tokens=True)) for r, o in zip(rows, out, strict=True)]
 
 
+def skip_reason(params: Params) -> str | None:
+    """Why the stage has nothing to do: only COPSD with the recalibrated teacher reads its output."""
+    if params.distill.method != "copsd":
+        return f"distill.method is {params.distill.method!r}: only copsd uses the Cross-SFT teacher"
+    if params.copsd.teacher != "cross_sft":
+        return f"copsd.teacher is {params.copsd.teacher!r}: the baseline without Cross-SFT"
+    return None
+
+
 def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_dir: Path,
                     log: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Build the crossed mix, fine-tune the teacher on it, save ``out/teacher`` and ``out/mix.json``."""
+    """Build the crossed mix, fine-tune the teacher on it, save ``out/teacher`` and ``out/mix.json``.
+
+    Skipped (a ``skipped.json`` marker, in milliseconds) when the configured distillation does not
+    use the recalibrated teacher: a full fine-tune and a cached copy of the teacher would be waste."""
+    reason = skip_reason(params)
+    if reason:
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "skipped.json", {"skipped": reason})
+        return {"skipped": reason}, []
     rt, c = params.runtime, params.cross_sft
     s_path, t_path = resolve(base, "student_init"), resolve(base, "teacher")
     tok = load_tokenizer(t_path, rt.trust_remote_code)
@@ -107,8 +127,16 @@ def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_
     if c.include_self:
         student = load_model(s_path, rt.trust_remote_code).to(acc.device)
         answers, stats = self_answers(student, tok, [r for r in rows if r.task in c.self_tasks], c, params.rollout,
-                                      load_detector(params.evaluate.refusal_detector))
+                                      load_detector(params.evaluate.refusal_detector), params.data.answer_format)
         del student
+        if not answers:  # without source (a) this is the "w/o self" ablation in disguise: stop, do not run it
+            rates = ", ".join(f"{k} {v:.0%}" for k, v in stats.items() if k.startswith("accepted_"))
+            raise ValueError(
+                f"cross_sft: none of the initial student's {stats.get('candidates', 0)} sampled prompts gave an "
+                f"accepted answer (acceptance: {rates or 'no prompts of cross_sft.self_tasks'}), so source (a) is "
+                "empty and the teacher would be recalibrated on oracle refusals only (the 'w/o self' ablation). "
+                "Check the refusal detector and data.answer_format against the student's answers, lower "
+                "cross_sft.min_f1, raise cross_sft.samples, or set cross_sft.include_self: false on purpose.")
     safety = [r for r in rows if r.task == "safety"]
     if c.oracle:
         safety = oracle_answers(c.oracle, safety, texts, tok, params.rollout, rt.trust_remote_code)

@@ -68,6 +68,16 @@ class PromptPool:
                 teacher_prompt=prompt_ids(teacher_toks[name], teacher_text(r)),
                 reference=response_ids(student_tok, r.reference) if r.reference else None, teacher=name))
 
+    def check_fits(self, student_positions: int, teacher_positions: dict[str, int], new_tokens: int) -> None:
+        """Every prompt plus ``new_tokens`` fits the context of the models that read it (from their configs)."""
+        for e in self.examples:
+            for who, n, limit in (("student", len(e.student_prompt), student_positions),
+                                  (f"teacher {e.teacher!r}", len(e.teacher_prompt), teacher_positions[e.teacher])):
+                if n + new_tokens > limit:
+                    raise ValueError(f"row {e.row.id}: its {who} prompt is {n} tokens; with rollout.max_new_tokens "
+                                     f"{new_tokens} that exceeds the model's context of {limit} positions. Shorten "
+                                     "the prompts (data.max_prompt_chars) or lower rollout.max_new_tokens.")
+
     def draw(self, k: int) -> list[Example]:
         idx = torch.randint(len(self.examples), (k,)).tolist()
         return [self.examples[i] for i in idx]

@@ -37,9 +37,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: float | torch.Tensor | None = None) -> torch.Tensor:
     """Sum of ``x`` over ``mask`` divided by ``count`` (default: the local number of valid tokens)."""
-    total = (x * mask).sum()
+    total = (x * mask).sum()  # a bool x (a rate) becomes float here; the count must follow total's dtype
     denom = mask.sum() if count is None else count
-    return total / torch.clamp(torch.as_tensor(denom, dtype=x.dtype, device=x.device), min=1.0)
+    return total / torch.clamp(torch.as_tensor(denom, dtype=total.dtype, device=x.device), min=1.0)
 
 
 # ----------------------------------------------------------------------------- policy gradient

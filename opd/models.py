@@ -6,6 +6,8 @@ turns it on: a model folder is untrusted input.
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 
 import torch
@@ -85,6 +87,45 @@ def check_compatible(teacher: PreTrainedTokenizerBase, student: PreTrainedTokeni
         f"EOS ids {teacher.eos_token_id} vs {student.eos_token_id}; differing (token, id) e.g. {diff}. "
         "On-policy distillation scores the student's tokens with the teacher, so both must share one tokenizer."
     )
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` of ``n`` layer indices, evenly spaced, first and last kept (k = 1 keeps the first)."""
+    if not 1 <= k <= n:
+        raise ModelError(f"student.init.n_layers {k}: the teacher has {n} decoder layers (keep 1 to {n})")
+    return [0] if k == 1 else sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
+    """A smaller model of the same family: the embeddings, final norm, head, tokenizer and the decoder
+    layers ``keep`` of ``model``, in order (layer pruning, the Minitron recipe's first step).
+
+    Works for any causal LM whose decoder layers are ``model.model.layers`` (Llama, Qwen2, Mistral,
+    Gemma...); per-layer config lists (``layer_types``) are pruned alike.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelError(f"cannot prune {type(model).__name__}: its decoder layers are not at model.layers "
+                         "(Llama / Qwen2 / Mistral style models are supported)")
+    n = len(layers)
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
+        raise ModelError(f"student.init.keep_layers {keep}: expected increasing, distinct indices in 0..{n - 1}")
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    pattern = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+    state = {}
+    for key, value in model.state_dict().items():
+        m = pattern.match(key)
+        if not m:
+            state[key] = value
+        elif int(m.group(1)) in keep:
+            state[f"model.layers.{keep.index(int(m.group(1)))}.{m.group(2)}"] = value
+    student = type(model)(cfg).to(next(model.parameters()).dtype)
+    student.load_state_dict(state, strict=True)
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student
 
 
 def count_parameters(model: torch.nn.Module) -> int:

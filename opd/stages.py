@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from opd.config import ModelConfig, Params, SFTConfig, to_flat_dict
+from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
 from opd.data import Row, atomic_dir, atomic_write_text, read_jsonl, records_to_rows
 from opd.copsd import load_constitutions, wrap
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector, safety_tax
-from opd.models import build_llama, check_compatible, count_parameters, load_model, load_tokenizer, save_model
+from opd.models import (build_llama, check_compatible, count_parameters, evenly_spaced, load_model, load_tokenizer,
+                        prune_layers, save_model)
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend
 from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
@@ -41,8 +42,9 @@ def constitutions_of(params: Params, prepared: Path) -> dict[str, str]:
 
 
 def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
-    """Per-step metrics as CSV (dvc plots); columns are the union of all keys."""
-    keys = sorted({k for h in history for k in h}, key=lambda k: (k != "step", k))
+    """Per-step metrics as CSV (dvc plots); columns are the union of all keys. A model that was not
+    trained (a folder given by the user) gets a header-only curve, so the DVC output always exists."""
+    keys = sorted({k for h in history for k in h}, key=lambda k: (k != "step", k)) or ["step", "loss"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
@@ -70,9 +72,11 @@ def sft_rows(rows: list[Row], sft: SFTConfig, constitutions: dict[str, str]) -> 
 
 
 def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row], constitutions: dict[str, str],
-         ckpt_root: Path, log: Any = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+         ckpt_root: Path, log: Any = None, initial: torch.nn.Module | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     seed = params.seed + list(_model_configs(params)).index(name)  # teacher +0, student +1, named +2...
-    model = build_llama(mcfg.arch, tok, seed)
+    model = initial if initial is not None else build_llama(mcfg.arch, tok, seed)
+    if not mcfg.sft.steps:
+        return model, []
     train_rows = sft_rows(rows, mcfg.sft, constitutions)
     pool = PromptPool(train_rows, tok)
     acc = make_accelerator(params.runtime)
@@ -82,6 +86,14 @@ def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row]
     fp = fingerprint_of(name, mcfg.model_dump(), params.seed, len(train_rows))
     return train(acc, model, lambda m, _: sft_step(acc, m, pool, tok, s.batch_size), settings,
                  ckpt_dir=ckpt_root / name, fingerprint=fp, on_log=log)
+
+
+def pruned_student(teacher_dir: Path, init: InitConfig, trust_remote_code: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``student.init``: the teacher with only the chosen decoder layers (see :func:`opd.models.prune_layers`)."""
+    teacher = load_model(teacher_dir, trust_remote_code)
+    n = teacher.config.num_hidden_layers
+    keep = init.keep_layers if init.keep_layers is not None else evenly_spaced(n, init.n_layers or n)
+    return prune_layers(teacher, keep), {"pruned_from": str(teacher_dir), "kept_layers": keep, "teacher_layers": n}
 
 
 def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
@@ -103,12 +115,17 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
                 check_compatible(other, tok, name)
                 manifest[name] = str(Path(mcfg.path).resolve())
                 summary[name] = {"path": manifest[name]}
+                curves[name] = []  # not trained: an empty curve keeps the stage's declared outputs
                 continue
             t0 = time.perf_counter()
-            model, history = _sft(params, name, mcfg, tok, rows, constitutions, ckpt_root, log)
+            initial, pruned = None, {}
+            if mcfg.init:  # derived from the teacher this stage just trained or was given
+                teacher_dir = Path(manifest["teacher"]) if Path(manifest["teacher"]).is_absolute() else tmp / "teacher"
+                initial, pruned = pruned_student(teacher_dir, mcfg.init, params.runtime.trust_remote_code)
+            model, history = _sft(params, name, mcfg, tok, rows, constitutions, ckpt_root, log, initial)
             save_model(model, tok, tmp / name)
             manifest[name] = name
-            summary[name] = {"parameters": count_parameters(model), "steps": len(history),
+            summary[name] = {**pruned, "parameters": count_parameters(model), "steps": len(history),
                              "final_loss": history[-1]["loss"] if history else None,
                              "seconds": round(time.perf_counter() - t0, 1)}
             curves[name] = history
@@ -132,6 +149,12 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
+def context_of(model: torch.nn.Module) -> int:
+    """The positions a model can attend over, from its config (no assumed length)."""
+    cfg = model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9)
+
+
 def frozen_dtype(precision: str) -> torch.dtype:
     """Teachers and the reference model never train: under bf16 / fp16 they are stored in that dtype
     (a 7B teacher in bf16 takes 14 GB, not 28); the student keeps fp32 master weights under autocast."""
@@ -144,8 +167,8 @@ def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
         return resolve(base, "teacher")
     path = cross / "teacher"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} missing: run the cross_sft stage first (dvc repro cross_sft), "
-                                "or set copsd.teacher: original for the baseline without Cross-SFT")
+        raise FileNotFoundError(f"{path} missing: run the cross_sft stage first with distill.method: copsd "
+                                "(dvc repro cross_sft), or set copsd.teacher: original for the baseline without Cross-SFT")
     return path
 
 
@@ -184,6 +207,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
         d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef, "lr": c.lr,
                                  "prompts_per_step": c.prompts_per_step})
     pool = PromptPool(rows, tok, toks, teacher_text=teacher_text, route=route)
+    pool.check_fits(context_of(student), {n: context_of(t) for n, t in teachers.items()}, params.rollout.max_new_tokens)
     ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if d.kl_coef else None
     sharded = acc.is_fsdp2
 
@@ -233,7 +257,8 @@ def evaluate_stage(params: Params, prepared: Path, models: dict[str, Path]) -> t
         tok = load_tokenizer(path, params.runtime.trust_remote_code)
         model = load_model(path, params.runtime.trust_remote_code, frozen_dtype(params.runtime.mixed_precision)).to(acc.device)
         torch.manual_seed(params.seed)
-        table[name], samples[name] = evaluate_model(model, tok, rows, params.evaluate, detector)
+        table[name], samples[name] = evaluate_model(model, tok, rows, params.evaluate, detector,
+                                                    params.data.answer_format)
     if "student" in table and "student_init" in table:
         table["student"] |= safety_tax(table["student_init"], table["student"])
     return table, samples

@@ -23,6 +23,9 @@ def recalibrate_teacher(params: Params) -> dict[str, Any]:
                                        lay.checkpoints / "cross_sft", step_logger("cross_sft"))
     write_curve(lay.plots / "cross_sft.csv", history)
     write_json(lay.metrics / "cross_sft.json", summary)
+    if "skipped" in summary:
+        mlflow.set_tag("opd.skipped", summary["skipped"])
+        return summary
     log_curves(history, ["loss", "grad_norm"], "Cross-SFT of the teacher", "plots/cross_sft.png")
     mlflow.log_metrics({f"mix.{k}": v for k, v in summary["mix"].items()}
                        | {f"mix.task.{k}": v for k, v in summary["mix_by_task"].items()}

@@ -40,14 +40,15 @@ def validate(records: list[dict[str, Any]], params: Params) -> dict[str, Any]:
 
 @task(name="write-prepared", version=__version__)
 def write_prepared(records: list[dict[str, Any]], validation: dict[str, Any], params: Params, out: Path) -> dict[str, Any]:
-    """Train or copy the tokenizer, then write every output in one atomic folder swap."""
+    """Copy the tokenizer of ``data.tokenizer_path`` or of the given model folders (student, else teacher),
+    or train one for the embedded world; then write every output in one atomic folder swap."""
     rows = records_to_rows(records)
     train = [r for r in rows if r.split == "train"]
-    if params.data.tokenizer_path:
-        from transformers import AutoTokenizer
+    source = params.data.tokenizer_path or params.student.path or params.teacher.path
+    if source:  # the models' own tokenizer (and chat template): a trained one would not match their vocabulary
+        from opd.models import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(params.data.tokenizer_path,
-                                            trust_remote_code=params.runtime.trust_remote_code)
+        tok = load_tokenizer(source, params.runtime.trust_remote_code)
     else:
         # the constitutions are weighted like the rows they wrap, so BPE merges their words too
         weight = sum(r.task != "reasoning" for r in train) // len(DEFAULT_CONSTITUTIONS) + 1

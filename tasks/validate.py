@@ -6,16 +6,15 @@ at once, each with how many rows failed and a few example ids.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from opd.answers import extractor
 from opd.config import CATEGORIES, TASKS, DataConfig
 from opd.data import REQUIRED, SPLITS
 
-ANSWER_LINE = re.compile(r"Answer:\s*-?\d+\s*$")
 
 
 class ValidationFailed(ValueError):
@@ -29,17 +28,19 @@ class ValidationReport:
     result: dict[str, Any]  # GX's own JSON (suite, results, statistics)
 
 
-def _reference_ok(df: pd.DataFrame) -> pd.Series:
-    """Reference needed where the task needs one: reasoning always (the answer checker reads its
-    final ``Answer: N`` line); safety / borderline / general rows of the eval split (scored
-    against it). Train rows of those tasks may be prompts only (on-policy needs no answers)."""
+def _reference_ok(df: pd.DataFrame, answer_format: str = "auto") -> pd.Series:
+    """Reference needed where the task needs one: reasoning always, stating its final answer in
+    ``data.answer_format`` (the checker reads it: ``Answer: N``, GSM8K ``#### N``, ``\\boxed{N}``...);
+    safety / borderline / general rows of the eval split (scored against it). Train rows of those
+    tasks may be prompts only (on-policy needs no answers)."""
     if "task" not in df or "split" not in df:
         return pd.Series(True, index=df.index)
     ref = df["reference"] if "reference" in df else pd.Series(None, index=df.index, dtype=object)
     has = ref.notna() & ref.astype(str).str.strip().ne("")
     is_reasoning = df["task"].eq("reasoning")
     needs = is_reasoning | df["split"].eq("eval")
-    answer = ref.astype(str).str.contains(ANSWER_LINE)
+    get = extractor(answer_format)
+    answer = ref.map(lambda r: isinstance(r, str) and get(r) is not None)
     return (~needs | has) & (~is_reasoning | answer)
 
 
@@ -69,7 +70,7 @@ def validate_records(records: list[dict[str, Any]], cfg: DataConfig, name: str =
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame({c: [] for c in REQUIRED})
-    df["reference_ok"] = _reference_ok(df)
+    df["reference_ok"] = _reference_ok(df, cfg.answer_format)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (ctx.data_sources.add_pandas(name).add_dataframe_asset("rows")

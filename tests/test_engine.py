@@ -131,3 +131,74 @@ def test_tokenizer_mismatch_is_reported(world):
         check_compatible(other, tok)
     msg = str(e.value)
     assert "vocabulary sizes 280 vs 300" in msg and "differing (token, id)" in msg
+
+
+def test_default_threads_follow_the_cpu_affinity_and_the_process_count(monkeypatch):
+    from opd import train
+
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert train.default_threads(1) == 4 and train.default_threads(2) == 2 and train.default_threads(8) == 1
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert train.default_threads(1) == 1  # a process pinned to one core of a big machine
+
+
+def test_sampling_ignores_the_model_generation_config_and_draws_from_the_pure_policy(world):
+    """A folder's generation_config (repetition penalty, top-k, ...) must not change what is sampled:
+    one-token samples follow softmax(logits / T) exactly."""
+    import math
+    from collections import Counter
+
+    rows, tok = world
+    torch.manual_seed(0)
+    model = build_llama(ARCH_S, tok, 3)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.top_k = 2
+    model.generation_config.no_repeat_ngram_size = 1
+    prompt = prompt_ids(tok, rows[0].prompt)
+    cfg = RolloutConfig(max_new_tokens=1, batch_size=512, temperature=0.7)
+    samples, _ = TransformersBackend(model, tok, cfg).sample([prompt], 4000)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    p = torch.softmax(logits / 0.7, -1)
+    counts = Counter(s[0] for s in samples)
+    assert len(counts) > 2  # top-k 2 would allow two tokens only
+    # total variation over a few buckets (each of the 10 likeliest tokens, the prompt's tokens, which the
+    # repetition penalty would push down, and the rest): sampling noise at n=4000 is ~0.02
+    top = p.topk(10).indices.tolist()
+    penalised = set(prompt) - set(top)
+    buckets = [[t] for t in top] + [sorted(penalised), [t for t in range(len(p)) if t not in penalised and t not in top]]
+    tv = 0.5 * sum(abs(sum(counts.get(t, 0) for t in b) / 4000 - float(p[b].sum())) for b in buckets)
+    assert tv < 0.05, tv
+    assert model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+    assert math.isclose(float(p.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_a_response_ends_at_any_stop_id(world):
+    rows, tok = world
+    model = build_llama(ARCH_S, tok, 0)
+    model.generation_config.eos_token_id = [tok.eos_token_id, 7]
+    from opd.rollout import stop_ids
+
+    assert stop_ids(tok, model) == [tok.eos_token_id, 7]
+    assert cut_at_eos([5, 7, 9, tok.eos_token_id], [tok.eos_token_id, 7]) == ([5, 7], False)
+
+
+def test_pruning_keeps_the_chosen_layers_and_all_layers_give_the_same_logits(world):
+    from opd.models import evenly_spaced, prune_layers
+
+    rows, tok = world
+    teacher = build_llama(ArchConfig(hidden_size=16, num_layers=4, intermediate_size=32, num_heads=2), tok, 0).eval()
+    ids = torch.tensor([prompt_ids(tok, rows[0].prompt)])
+    full = prune_layers(teacher, [0, 1, 2, 3]).eval()
+    assert torch.equal(full(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    small = prune_layers(teacher, [0, 3])
+    assert small.config.num_hidden_layers == 2 and small.model.layers[1].self_attn.layer_idx == 1
+    for mine, theirs in ((small.model.layers[0], teacher.model.layers[0]), (small.model.layers[1], teacher.model.layers[3])):
+        for (n, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
+            assert torch.equal(a, b), n
+    assert torch.equal(small.lm_head.weight, teacher.lm_head.weight)
+    assert evenly_spaced(30, 8) == [0, 4, 8, 12, 17, 21, 25, 29] and evenly_spaced(4, 1) == [0]
+    with pytest.raises(ModelError, match="keep_layers"):
+        prune_layers(teacher, [3, 1])
+    with pytest.raises(ModelError, match="not at model.layers"):
+        prune_layers(torch.nn.Linear(2, 2), [0])

@@ -166,3 +166,10 @@ def test_head_chunks_equal_unchunked_values_and_gradients():
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(gw, gw_full)
     torch.testing.assert_close(gh, gh_full)
+
+
+def test_masked_mean_of_a_boolean_is_a_fraction():
+    """COPSD's reward_clipped_frac once logged a count (the bool dtype leaked into the denominator)."""
+    hits = torch.tensor([[True, False, True], [False, False, True]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert float(masked_mean(hits, mask)) == pytest.approx(2 / 5)

@@ -216,3 +216,48 @@ def test_changed_settings_do_not_resume_foreign_checkpoints(base, tmp_path):
     summary, history = distill_stage(other, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", ck)
     assert [h["step"] for h in history] == [1, 2, 3, 4]  # started fresh: the history is its own
     assert json.loads(json.dumps(summary))["steps"] == 4
+
+
+def test_cross_sft_is_skipped_unless_copsd_reads_its_teacher(base, tmp_path):
+    root, lay, _, _ = base
+    for overrides in ({"distill.method": "opd"}, {"distill.method": "copsd", "copsd.teacher": "original"}):
+        summary, history = cross_sft_stage(load(root / "params.yaml", overrides), lay.prepared, lay.models_base,
+                                           tmp_path / "x", tmp_path / "ck")
+        assert "skipped" in summary and history == []
+        assert [p.name for p in (tmp_path / "x").iterdir()] == ["skipped.json"]
+
+
+def test_cross_sft_stops_when_no_student_answer_is_accepted(base, tmp_path):
+    """An empty source (a) would silently be the 'w/o self' ablation: stop, with the acceptance rates."""
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"distill.method": "copsd", "cross_sft.min_f1": 1.0,
+                                         "cross_sft.self_tasks": ["general"]})
+    with pytest.raises(ValueError, match=r"accepted answer \(acceptance: accepted_general 0%\).*w/o self"):
+        cross_sft_stage(params, lay.prepared, lay.models_base, tmp_path / "x", tmp_path / "ck")
+    assert not (tmp_path / "x").exists()
+
+
+def test_student_pruned_from_the_teacher(base, tmp_path):
+    from opd.config import ConfigError
+    from opd.models import load_model
+
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"student.init": {"from": "teacher", "n_layers": 1}, "student.sft.steps": 0,
+                                         "teacher.path": str(resolve(lay.models_base, "teacher"))})
+    summary, _ = teacher_stage(params, lay.prepared, tmp_path / "base", tmp_path / "ck")
+    assert summary["student_init"]["kept_layers"] == [0]
+    teacher, student = load_model(resolve(lay.models_base, "teacher")), load_model(resolve(tmp_path / "base", "student_init"))
+    assert student.config.num_hidden_layers == 1 and student.config.hidden_size == teacher.config.hidden_size
+    for (n, a), (_, b) in zip(student.model.layers[0].state_dict().items(), teacher.model.layers[0].state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ConfigError, match="exactly one of keep_layers or n_layers"):
+        load(root / "params.yaml", {"student.init": {"from": "teacher"}})
+    with pytest.raises(ConfigError, match="either path or init"):
+        load(root / "params.yaml", {"student.init": {"n_layers": 1}, "student.path": "x"})
+
+
+def test_prompts_that_do_not_fit_the_model_context_are_reported(base, tmp_path):
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"rollout.max_new_tokens": 10_000})
+    with pytest.raises(ValueError, match=r"exceeds the model's context of 160 positions"):
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", tmp_path / "ck")

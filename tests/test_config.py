@@ -49,3 +49,13 @@ def test_missing_and_malformed_files(tmp_path: Path):
     bad.write_text("seed: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(bad)
+
+
+def test_the_real_model_profile_is_valid_and_differs_only_where_real_models_need_it():
+    from tests.conftest import REPO
+
+    real, default = load(REPO / "params.real.yaml"), load(REPO / "params.yaml")
+    assert real.teacher.path and real.student.init and real.student.init.n_layers == 8
+    assert real.distill.lr <= 1e-5 and real.cross_sft.lr <= 1e-4 and real.copsd.lr <= 1e-5
+    assert real.rollout.max_new_tokens > default.rollout.max_new_tokens
+    assert real.data.source == "jsonl" and real.fire == default.fire and real.promote == default.promote

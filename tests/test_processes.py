@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from opd.config import load
-from opd.stages import teacher_stage
-from tests.conftest import REPO, tiny
-from tests.test_stages import prepare
+from tests.conftest import REPO
+from tests.test_stages import tiny_project
 
 WORKER = REPO / "tests" / "workers" / "ranks.py"
 ONE_STEP = ("opd", "fire", "gkd", "copsd")
@@ -37,10 +35,7 @@ def launch(mode: str, root: Path, out: Path, procs: int = 2, timeout: int = 300,
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny()))
-    params = load(root / "params.yaml")
-    lay = prepare(root, params)
-    teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
+    tiny_project(root)
     return root
 
 

@@ -34,15 +34,20 @@ def prepare(root: Path, params) -> Layout:
     return lay
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """Prepared data and trained tiny teacher + initial student, shared by the tests below."""
-    root = tmp_path_factory.mktemp("proj")
+def tiny_project(root: Path) -> tuple[Layout, dict, dict]:
+    """A project folder with the tiny params, prepared data and a trained tiny teacher + initial student."""
     (root / "params.yaml").write_text(yaml.safe_dump(tiny()))
     params = load(root / "params.yaml")
     lay = prepare(root, params)
     summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
-    return root, lay, summary, curves
+    return lay, summary, curves
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Prepared data and trained tiny teacher + initial student, shared by the tests below."""
+    root = tmp_path_factory.mktemp("proj")
+    return root, *tiny_project(root)
 
 
 def test_teacher_stage_trains_both_models(base):

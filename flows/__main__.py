@@ -31,7 +31,7 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model"])
+    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "model-inputs"])
     ap.add_argument("paths", nargs="*", metavar="SRC DEST",
                     help="import-model: a .gguf file or an installed package that ships one, and the folder to write")
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
         if in_launch() and args.stage not in DISTRIBUTED_STAGES:
             raise ValueError(f"only the {', '.join(DISTRIBUTED_STAGES)} stage runs under several processes")
+        if args.stage == "model-inputs":  # DVC plumbing (the model_inputs stage), not a pipeline step
+            from opd.paths import Layout
+            from opd.stages import model_inputs, write_json
+
+            write_json(Layout.here().root / "data" / "model_inputs.json", model_inputs(params))
+            return 0
         if args.stage == "serve":  # a long-running deployment, not a flow run
             from flows.serve import serve
 

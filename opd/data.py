@@ -168,6 +168,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def digest(path: Path) -> str:
+    """sha256 over a file or a folder's files (relative names and contents, sorted), read in blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def write_jsonl(path: str | Path, rows: Iterable[Row]) -> None:
     atomic_write_text(path, "".join(r.to_json() + "\n" for r in rows))
 

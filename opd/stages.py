@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
-from opd.data import Row, atomic_dir, atomic_write_text, read_jsonl, records_to_rows
+from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, records_to_rows
 from opd.copsd import load_constitutions, wrap
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector, safety_tax
@@ -132,6 +132,23 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
         write_json(tmp / MANIFEST, manifest)
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the models are saved; checkpoints only served resume
     return summary, curves
+
+
+def model_inputs(params: Params) -> dict[str, dict[str, str]]:
+    """Content hashes of the user's model folders (``teacher.path``, ``student.path``, ``teachers.*.path``).
+
+    DVC tracks paths named in dvc.yaml, and these folders are named only in params.yaml, so the
+    ``model_inputs`` stage (always run, a second or two) writes this to ``data/model_inputs.json``; the
+    stages that read the folders depend on that file, and rerun exactly when a folder's content changes.
+    """
+    named = {"teacher": params.teacher, "student": params.student, **{f"teacher_{n}": m for n, m in params.teachers.items()}}
+    out = {}
+    for name, m in named.items():
+        if m.path:
+            if not Path(m.path).is_dir():
+                raise FileNotFoundError(f"{name}.path {m.path}: no such model folder")
+            out[name] = {"path": str(Path(m.path).resolve()), "sha256": digest(Path(m.path))}
+    return out
 
 
 def resolve(base: Path, name: str) -> Path:

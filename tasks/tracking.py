@@ -29,6 +29,7 @@ from prefect import task
 
 from opd import __version__
 from opd.config import Params, to_flat_dict
+from opd.data import digest
 from opd.paths import Layout
 from tasks import env
 
@@ -111,16 +112,6 @@ def dvc_input_hashes(inputs: list[str]) -> dict[str, str]:
             if "md5" in o:
                 outs[o["path"]] = o["md5"]
     return {f"dvc.in.{p}": outs[p] for p in inputs if p in outs}
-
-
-def digest(path: Path) -> str:
-    """sha256 over a file or a folder's files (relative names and contents, sorted)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _prefect_flow_run_id() -> str:

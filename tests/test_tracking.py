@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -255,3 +256,15 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     assert stages["distill"].data.tags["dvc.in.data/prepared"] == prepared_md5
     assert stages["evaluate"].data.tags["dvc.in.models/student"] == next(
         o["md5"] for o in lock["distill"]["outs"] if o["path"] == "models/student")
+    # the user's weights are DVC dependencies: new weights in the same folder make the teacher stage stale
+    status = subprocess.run(["dvc", "status", "teacher"], cwd=proj, env=env, capture_output=True, text=True)
+    assert "changed" not in status.stdout, status.stdout
+    from opd.models import load_model, save_model
+
+    changed = load_model(teacher)
+    torch.nn.init.normal_(changed.lm_head.weight)
+    save_model(changed, load_tokenizer(teacher), teacher)
+    for cmd in (["dvc", "repro", "model_inputs"], ["dvc", "status", "teacher"]):
+        r = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "data/model_inputs.json" in r.stdout and "modified" in r.stdout, r.stdout

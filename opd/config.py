@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # strict: `steps: true` is not 1 and `steps: 2.5` is not 2 (ints accept ints only; floats accept ints)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True)
 
 
 class WorldConfig(_Section):
@@ -104,7 +105,7 @@ class InitConfig(_Section):
     """The student derived from the teacher by layer pruning (``student.init``): the teacher's
     embeddings, norm, head, tokenizer and chat template, and a subset of its decoder layers."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
     from_: Literal["teacher"] = Field("teacher", alias="from")
     keep_layers: list[int] | None = None  # explicit indices, e.g. [0, 10, 20, 29]
     n_layers: int | None = Field(None, ge=1)  # or K evenly spaced layers (first and last kept)
@@ -208,7 +209,8 @@ class DistillConfig(_Section):
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "jsd"
     beta: float = Field(0.5, ge=0.0, le=1.0)
     lambda_on_policy: float = Field(0.5, ge=0.0, le=1.0)
-    temperature: float = Field(1.0, gt=0.0)
+    # gkd: the one temperature of GKD, for its sampling AND its loss (0.9 as in GKD / TRL)
+    temperature: float = Field(0.9, gt=0.0)
     top_k: int = Field(0, ge=0)  # 0: full vocabulary; k > 0: teacher top-k with a tail bucket
     chunk_size: int = Field(1024, ge=1)  # positions per LM-head chunk: memory ~ chunk x vocab
     steps: int = Field(400, ge=1)
@@ -254,10 +256,15 @@ class TrackingConfig(_Section):
     registered_model: str = "opd-student"
 
 
+# What the evaluate stage reports for a model (opd/evaluate.py); the promotion gate compares one of these.
+EVAL_METRICS = ("reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "over_refusal", "general_helpfulness",
+                "borderline_helpfulness", "response_length", "token_entropy")
+
+
 class PromoteConfig(_Section):
     """The gate a challenger must pass to become champion (eval metrics of the student)."""
 
-    metric: str = "reasoning_accuracy"
+    metric: Literal[EVAL_METRICS] = "reasoning_accuracy"  # type: ignore[valid-type]  (a typo never promotes)
     max_drop: float = Field(0.0, ge=0.0)
     harmful_refusal_max_drop: float = Field(0.0, ge=0.0)
     over_refusal_max_rise: float = Field(0.0, ge=0.0)
@@ -325,10 +332,12 @@ class Params(_Section):
     runtime: RuntimeConfig = RuntimeConfig()
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _format_error(err: ValidationError, source: str, overridden: frozenset[str] = frozenset()) -> str:
     lines = [f"{source}: invalid settings"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if key in overridden or any(key.startswith(o + ".") for o in overridden):
+            key = f"{key} (from --set)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check spelling; see params.yaml for the known keys)"
@@ -348,8 +357,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse(raw: dict[str, Any] | None, source: str = "params") -> Params:
-    """Validate a params mapping; raise ConfigError naming the key on any problem."""
+def parse(raw: dict[str, Any] | None, source: str = "params", overridden: frozenset[str] = frozenset()) -> Params:
+    """Validate a params mapping; raise ConfigError naming the key (and ``--set`` when it came from one)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -357,7 +366,7 @@ def parse(raw: dict[str, Any] | None, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(_format_error(err, source, overridden)) from None
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
@@ -374,7 +383,7 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     raw = raw or {}
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
-    return parse(raw, str(path))
+    return parse(raw, str(path), frozenset(overrides or ()))
 
 
 def to_flat_dict(params: Params) -> dict[str, Any]:

@@ -63,11 +63,12 @@ def pg_ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, c
     return loss
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, log_ratio_clip: float = 20.0, value_clip: float = 10.0) -> torch.Tensor:
     """Low-variance, non-negative estimator of KL(pi || ref) on sampled tokens (Schulman's k3):
-    ``exp(ref - logp) - (ref - logp) - 1``."""
-    d = ref_logp.detach() - logp
-    return torch.exp(d) - d - 1.0
+    ``exp(ref - logp) - (ref - logp) - 1``, with verl's clamps (``low_var_kl``): the log-ratio to +-20
+    and the value to +-10, so a token the student has all but abandoned cannot overflow float32 to inf."""
+    d = (ref_logp.detach() - logp).clamp(-log_ratio_clip, log_ratio_clip)
+    return (torch.exp(d) - d - 1.0).clamp(-value_clip, value_clip)
 
 
 # ----------------------------------------------------------------------------- full-vocabulary divergences

@@ -228,18 +228,19 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if d.kl_coef else None
     sharded = acc.is_fsdp2
 
-    def backend_of(m: torch.nn.Module) -> Any:
+    def backend_of(m: torch.nn.Module, rcfg: Any = params.rollout) -> Any:
         if sampler is not None:
             return sampler(m)
-        if params.rollout.backend == "vllm":
-            return VLLMBackend(m, acc, tok, params.rollout, rt.trust_remote_code)
-        return TransformersBackend(m, tok, params.rollout, synced=sharded)
+        if rcfg.backend == "vllm":
+            return VLLMBackend(m, acc, tok, rcfg, rt.trust_remote_code)
+        return TransformersBackend(m, tok, rcfg, synced=sharded)
 
     def factory(m: torch.nn.Module, optimize: Any) -> Any:
         if d.method == "sft":
             return sft_step(acc, m, pool, tok, d.prompts_per_step, d.grad_accum, d.chunk_size)
-        if d.method == "gkd":
-            return gkd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout)
+        if d.method == "gkd":  # one temperature for GKD's sampling and its loss
+            rcfg = params.rollout.model_copy(update={"temperature": d.temperature})
+            return gkd_step(acc, m, teachers, pool, backend_of(m, rcfg), tok, d, rcfg)
         common = {"ref_model": ref, "unit": unit}
         if d.method == "copsd":
             common |= {"shape": copsd_shaping(params.copsd.reward_low, params.copsd.reward_high), "need_entropy": True}

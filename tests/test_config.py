@@ -59,3 +59,17 @@ def test_the_real_model_profile_is_valid_and_differs_only_where_real_models_need
     assert real.distill.lr <= 1e-5 and real.cross_sft.lr <= 1e-4 and real.copsd.lr <= 1e-5
     assert real.rollout.max_new_tokens > default.rollout.max_new_tokens
     assert real.data.source == "jsonl" and real.fire == default.fire and real.promote == default.promote
+
+
+def test_strict_types_and_checked_promotion_metric():
+    with pytest.raises(ConfigError, match=r"distill.steps: Input should be a valid integer"):
+        parse({"distill": {"steps": True}})  # was read as 1
+    with pytest.raises(ConfigError, match=r"promote.metric"):
+        parse({"promote": {"metric": "reasoning_acuracy"}})  # a typo never promotes anything
+    assert parse({"distill": {"lr": 1}}).distill.lr == 1.0  # an int where a float is wanted is fine
+
+
+def test_a_bad_set_override_is_named_as_such(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match=r"distill.stepz \(from --set\): unknown key"):
+        load(tmp_path / "params.yaml", {"distill.stepz": 3})

@@ -202,3 +202,18 @@ def test_pruning_keeps_the_chosen_layers_and_all_layers_give_the_same_logits(wor
         prune_layers(teacher, [3, 1])
     with pytest.raises(ModelError, match="not at model.layers"):
         prune_layers(torch.nn.Linear(2, 2), [0])
+
+
+def test_teacher_is_scored_at_the_rollout_temperature(world):
+    """Both references score the teacher at the sampling temperature: log_softmax(logits / T)."""
+    from opd.distill import Example, teacher_logprobs
+
+    rows, tok = world
+    teacher = build_llama(ARCH_T, tok, 1).double().eval()
+    ex = [Example(r, prompt_ids(tok, r.prompt), prompt_ids(tok, r.prompt), None, "default") for r in rows[:3]]
+    responses = [response_ids(tok, r.reference) for r in rows[:3]]
+    got, _ = teacher_logprobs({"default": teacher}, ex, responses, tok.pad_token_id, temperature=0.7)
+    seq = Sequences.build([e.student_prompt for e in ex], responses, tok.pad_token_id)
+    logits = teacher(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits[:, :-1]
+    want = token_logprobs(logits / 0.7, seq.input_ids[:, 1:]) * seq.targets_mask
+    torch.testing.assert_close(got.double(), want.detach().float().double(), rtol=1e-5, atol=1e-5)

@@ -122,14 +122,14 @@ def test_kl_k3_reference_and_unbiased():
     lp, ref = -rand_logits(50, seed=10).abs(), -rand_logits(50, seed=11).abs()
     got = kl_k3(lp, ref)
     for i in range(50):
-        d = ref[i].item() - lp[i].item()
-        assert math.isclose(got[i].item(), math.exp(d) - d - 1, rel_tol=RTOL, abs_tol=1e-12)
+        d = min(max(ref[i].item() - lp[i].item(), -20.0), 20.0)
+        assert math.isclose(got[i].item(), min(math.exp(d) - d - 1, 10.0), rel_tol=RTOL, abs_tol=1e-12)
     assert torch.all(got >= 0)
-    # k3 is an unbiased estimator of KL(p || q) for samples from p
+    # without verl's clamps, k3 is an unbiased estimator of KL(p || q) for samples from p
     p_logits, q_logits = rand_logits(8, seed=12, scale=1.0), rand_logits(8, seed=13, scale=1.0)
     p_lp, q_lp = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
     exact = (p_lp.exp() * (p_lp - q_lp)).sum()
-    mc = (p_lp.exp() * kl_k3(p_lp, q_lp)).sum()  # expectation over p, in closed form
+    mc = (p_lp.exp() * kl_k3(p_lp, q_lp, math.inf, math.inf)).sum()  # expectation over p, in closed form
     torch.testing.assert_close(mc, exact)
 
 
@@ -173,3 +173,13 @@ def test_masked_mean_of_a_boolean_is_a_fraction():
     hits = torch.tensor([[True, False, True], [False, False, True]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     assert float(masked_mean(hits, mask)) == pytest.approx(2 / 5)
+
+
+def test_kl_k3_is_finite_for_extreme_gaps_and_clamped_as_verl():
+    logp = torch.tensor([-200.0, -1.0, -0.1, -90.0], dtype=torch.float32)
+    ref = torch.tensor([-0.1, -1.0, -200.0, -0.5], dtype=torch.float32)
+    got = kl_k3(logp, ref)
+    assert torch.isfinite(got).all()  # unclamped: exp(199.9) = inf in float32
+    d = (ref - logp).double().clamp(-20, 20)
+    torch.testing.assert_close(got.double(), (d.exp() - d - 1).clamp(-10, 10), rtol=1e-6, atol=1e-6)
+    assert float(got[1]) == 0.0 and float(got[0]) == 10.0

@@ -76,7 +76,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows exports); CRLF is JSON whitespace
     records: list[dict[str, Any]] = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from opd.config import ArchConfig
+from opd.config import ArchConfig, Params
 from opd.data import atomic_dir
 
 
@@ -67,6 +67,25 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.d
                          "convert with save_pretrained(safe_serialization=True))")
     return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
                                                 trust_remote_code=trust_remote_code)
+
+
+def tokenizer_source(params: Params) -> str | None:
+    """Where the pipeline's tokenizer comes from: ``data.tokenizer_path``, else the user's model folders
+    (student, then teacher); None for the embedded world (prepare trains one)."""
+    return params.data.tokenizer_path or params.student.path or params.teacher.path
+
+
+def control_tokens(params: Params) -> list[str]:
+    """Every special or added token of the pipeline's tokenizer (chat-template markers such as
+    ``<|im_start|>``): text containing one could inject turns into the template."""
+    source = tokenizer_source(params)
+    if source is None:
+        from opd.world.tokenizer import SPECIAL_TOKENS
+
+        return list(SPECIAL_TOKENS)
+    tok = load_tokenizer(source, params.runtime.trust_remote_code)
+    added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values()]
+    return sorted({t for t in [*tok.all_special_tokens, *added] if t and t.strip()})
 
 
 def save_model(model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str | Path) -> None:

@@ -12,6 +12,7 @@ from prefect import task
 
 from opd import __version__
 from opd.config import Params
+from opd.models import control_tokens, load_tokenizer, tokenizer_source
 from opd.data import atomic_dir, atomic_write_text, load_user_records, records_to_rows, rows_to_records, write_jsonl
 from opd.world import build_world, train_tokenizer
 from opd.world.constitutions import DEFAULT_CONSTITUTIONS
@@ -29,7 +30,8 @@ def load_records(params: Params) -> list[dict[str, Any]]:
 @task(name="validate-records", version=__version__)
 def validate(records: list[dict[str, Any]], params: Params) -> dict[str, Any]:
     """Run the GX suite; the full result goes to the stage's MLflow run whether it passes or not."""
-    report = validate_records(records, params.data)
+    report = validate_records(records, params.data, control_tokens=control_tokens(params),
+                              teacher_names=["default", *params.teachers] if params.distill.routing == "by_row" else None)
     if mlflow.active_run():
         mlflow.log_dict(report.result, "validation/prompts.json")
         mlflow.set_tag("gx.success", str(report.success))
@@ -44,10 +46,8 @@ def write_prepared(records: list[dict[str, Any]], validation: dict[str, Any], pa
     or train one for the embedded world; then write every output in one atomic folder swap."""
     rows = records_to_rows(records)
     train = [r for r in rows if r.split == "train"]
-    source = params.data.tokenizer_path or params.student.path or params.teacher.path
+    source = tokenizer_source(params)
     if source:  # the models' own tokenizer (and chat template): a trained one would not match their vocabulary
-        from opd.models import load_tokenizer
-
         tok = load_tokenizer(source, params.runtime.trust_remote_code)
     else:
         # the constitutions are weighted like the rows they wrap, so BPE merges their words too

@@ -44,7 +44,25 @@ def _reference_ok(df: pd.DataFrame, answer_format: str = "auto") -> pd.Series:
     return (~needs | has) & (~is_reasoning | answer)
 
 
-def build_suite(columns: list[str], cfg: DataConfig) -> list[Any]:
+def _not_in_other_split(df: pd.DataFrame) -> pd.Series:
+    """False for a row whose prompt (whitespace-collapsed, case-folded) also stands in the other split:
+    the eval split must never be seen in training."""
+    if "prompt" not in df or "split" not in df:
+        return pd.Series(True, index=df.index)
+    norm = df["prompt"].astype(str).str.split().str.join(" ").str.casefold()
+    train, held = set(norm[df["split"].eq("train")]), set(norm[df["split"].eq("eval")])
+    shared = train & held
+    return ~norm.isin(shared)
+
+
+def build_suite(columns: list[str], cfg: DataConfig, control_tokens: list[str] = (),
+                teacher_names: list[str] | None = None) -> list[Any]:
+    """The rules, as GX expectations (so the report names each rule): required columns and values,
+    unique ids, lengths, no whitespace-only text, no chat-template control token inside a prompt or
+    reference (a user could inject turns), no prompt shared by the train and eval splits, references
+    where the task needs them, and (multi-teacher) teacher names that ``teachers:`` defines."""
+    import re
+
     import great_expectations.expectations as gxe
 
     exps: list[Any] = [gxe.ExpectColumnToExist(column=c) for c in REQUIRED]
@@ -59,23 +77,34 @@ def build_suite(columns: list[str], cfg: DataConfig) -> list[Any]:
     if "reference" in columns:
         exps.append(gxe.ExpectColumnValueLengthsToBeBetween(
             column="reference", min_value=1, max_value=cfg.max_reference_chars))
+    for col in ("prompt", "reference"):
+        if col in columns:
+            exps.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S"))  # not whitespace only
+            if control_tokens:
+                exps.append(gxe.ExpectColumnValuesToNotMatchRegexList(
+                    column=col, regex_list=[re.escape(t) for t in control_tokens]))
+    if teacher_names is not None and "teacher" in columns:
+        exps.append(gxe.ExpectColumnValuesToBeInSet(column="teacher", value_set=sorted(teacher_names)))
+    exps.append(gxe.ExpectColumnValuesToBeInSet(column="prompt_not_in_other_split", value_set=[True]))
     exps.append(gxe.ExpectColumnValuesToBeInSet(column="reference_ok", value_set=[True]))
     exps.append(gxe.ExpectTableRowCountToBeBetween(min_value=1))
     return exps
 
 
-def validate_records(records: list[dict[str, Any]], cfg: DataConfig, name: str = "prompts") -> ValidationReport:
+def validate_records(records: list[dict[str, Any]], cfg: DataConfig, name: str = "prompts",
+                     control_tokens: list[str] = (), teacher_names: list[str] | None = None) -> ValidationReport:
     """Run the suite on raw records; never raises for bad data, returns the report."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     df = pd.DataFrame.from_records(records) if records else pd.DataFrame({c: [] for c in REQUIRED})
     df["reference_ok"] = _reference_ok(df, cfg.answer_format)
+    df["prompt_not_in_other_split"] = _not_in_other_split(df)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (ctx.data_sources.add_pandas(name).add_dataframe_asset("rows")
              .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df}))
-    suite = gx.ExpectationSuite(name=name, expectations=build_suite(list(df.columns), cfg))
+    suite = gx.ExpectationSuite(name=name, expectations=build_suite(list(df.columns), cfg, control_tokens, teacher_names))
     result = batch.validate(suite, result_format="COMPLETE")
     lines = []
     ids = df["id"].tolist() if "id" in df else list(range(len(df)))

@@ -117,3 +117,38 @@ def test_dvc_repro_prepare_in_a_copy(tmp_path):
     sh("dvc", "exp", "run", "-S", "seed=2", "prepare")
     assert (tmp_path / "data/prepared/train.jsonl").read_bytes() != first
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["seed"] == 2
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name, rule, bad_ids", [
+    ("leak.jsonl", "expect_column_values_to_be_in_set(column=prompt_not_in_other_split)", ["r2", "r3"]),
+    ("whitespace.jsonl", "expect_column_values_to_match_regex(column=prompt)", ["r4"]),
+    ("whitespace.jsonl", "expect_column_values_to_match_regex(column=reference)", ["r5"]),
+    ("control_tokens.jsonl", "expect_column_values_to_not_match_regex_list(column=prompt)", ["r6"]),
+    ("control_tokens.jsonl", "expect_column_values_to_not_match_regex_list(column=reference)", ["r7"]),
+    ("unknown_teacher.jsonl", "expect_column_values_to_be_in_set(column=teacher)", ["r8"]),
+])
+def test_bad_user_data_is_stopped_with_the_rule_and_the_rows(name, rule, bad_ids):
+    from opd.config import parse
+    from opd.data import read_jsonl
+    from opd.models import control_tokens
+    from tasks.validate import validate_records
+
+    params = parse({"distill": {"routing": "by_row"}, "teachers": {"reasoning": {}}})
+    report = validate_records(read_jsonl(DATA / name), params.data, control_tokens=control_tokens(params),
+                              teacher_names=["default", *params.teachers])
+    assert not report.success
+    line = next(line for line in report.summary.splitlines() if rule in line)
+    assert f"{len(bad_ids)} of" in line and all(f"'{i}'" in line for i in bad_ids), report.summary
+
+
+def test_a_bom_and_crlf_file_is_read_like_any_other():
+    from opd.config import DataConfig
+    from opd.data import read_jsonl
+    from tasks.validate import validate_records
+
+    records = read_jsonl(DATA / "bom_crlf.jsonl")
+    assert [r["id"] for r in records] == ["r1", "r2"] and records[0]["prompt"] == "What day comes after Monday?"
+    assert validate_records(records, DataConfig()).success

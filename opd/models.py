@@ -41,11 +41,21 @@ def build_llama(arch: ArchConfig, tok: PreTrainedTokenizerBase, seed: int) -> Ll
         return LlamaForCausalLM(cfg)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"tokenizer folder {path} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the model's "
+                         "tokenizer into it with tokenizer.save_pretrained(folder), or import the model with "
+                         "python -m flows import-model")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"the tokenizer in {path} cannot be loaded: {err}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -62,11 +72,52 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.d
     if not path.is_dir():
         raise ModelError(f"model folder {path} does not exist (set teacher.path / student.path to a local folder, "
                          "or run the teacher stage)")
-    if not list(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise ModelError(f"model folder {path} has no .safetensors weights (pickle checkpoints are not loaded; "
                          "convert with save_pretrained(safe_serialization=True))")
-    return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
-                                                trust_remote_code=trust_remote_code)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model folder {path} has no config.json: it is not a Hugging Face model folder "
+                         "(save it with model.save_pretrained(folder))")
+    _check_safetensors(weights)
+    _warn_remote_code(path, trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, dtype=dtype,
+                                                    trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"the model in {path} cannot be loaded: {err}") from None
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    """Read each weights file's header (cheap) so a truncated or damaged file is named, not a library trace."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ModelError(f"{f} is damaged or incomplete ({err}); copy or convert the model again") from None
+
+
+def _warn_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """A config that asks for custom code (``auto_map``) while ``runtime.trust_remote_code`` is off: say that
+    the code is NOT run and which standard class loads instead (or fail when there is none)."""
+    import json
+    import warnings
+
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if trust_remote_code or "auto_map" not in cfg:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    kind = cfg.get("model_type")
+    if kind not in CONFIG_MAPPING_NAMES:
+        raise ModelError(f"{path}/config.json needs custom code (auto_map {cfg['auto_map']}) for model_type {kind!r}, "
+                         "which transformers does not know; runtime.trust_remote_code is off, so that code is not "
+                         "run. Read the code, then set runtime.trust_remote_code: true if you trust it.")
+    warnings.warn(f"{path}/config.json asks for custom code (auto_map); runtime.trust_remote_code is off, so it is "
+                  f"not run: the standard transformers class for model_type {kind!r} loads instead", stacklevel=3)
 
 
 def tokenizer_source(params: Params) -> str | None:

@@ -217,3 +217,33 @@ def test_teacher_is_scored_at_the_rollout_temperature(world):
     logits = teacher(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits[:, :-1]
     want = token_logprobs(logits / 0.7, seq.input_ids[:, 1:]) * seq.targets_mask
     torch.testing.assert_close(got.double(), want.detach().float().double(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_model_folders_are_named_with_what_to_do(world, tmp_path):
+    import json
+
+    rows, tok = world
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="has no tokenizer files"):
+        load_tokenizer(empty)
+    with pytest.raises(ModelError, match="has no .safetensors weights"):
+        load_model(empty)
+    (empty / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="has no config.json"):
+        load_model(empty)
+    save_model(build_llama(ARCH_S, tok, 0), tok, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(ModelError, match=r"model.safetensors is damaged or incomplete"):
+        load_model(tmp_path / "m")
+    weights.write_bytes(data)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    with pytest.warns(UserWarning, match="not run: the standard transformers class for model_type 'llama'"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "x.Y"},
+                                                            "model_type": "my_own_arch"}))
+    with pytest.raises(ModelError, match="needs custom code .* is not run"):
+        load_model(tmp_path / "m")

@@ -35,7 +35,7 @@ from opd.answers import check_answer
 from opd.evaluate import load_detector, token_f1
 from opd.models import check_compatible, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend
-from opd.stages import constitutions_of, load_rows, resolve, write_json
+from opd.stages import constitutions_of, content_of, load_rows, resolve, write_json
 from opd.tokens import prompt_ids
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
 
@@ -147,7 +147,8 @@ def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_
     settings = LoopSettings(steps=steps, lr=c.lr, warmup_steps=c.warmup_steps, checkpoint_every=max(1, steps // 4),
                             resume="auto", seed=params.seed, log_every=max(1, steps // 20))
     pool = PromptPool(mix.rows, tok)
-    fp = fingerprint_of(c.model_dump(), params.seed, str(t_path), len(mix.rows))
+    fp = fingerprint_of(c.model_dump(), params.seed, len(mix.rows),
+                        content_of(prepared / "train.jsonl", prepared / "tokenizer", t_path, s_path))
     teacher, history = train(acc, load_model(t_path, rt.trust_remote_code),
                              lambda m, _: sft_step(acc, m, pool, tok, c.batch_size), settings,
                              ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)

@@ -52,6 +52,12 @@ def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def content_of(*paths: Path) -> dict[str, str]:
+    """Content hashes of what a run reads (the train split, the tokenizer, model folders), for checkpoint
+    fingerprints: a killed run resumes only into the very same inputs, never after the data changed."""
+    return {Path(p).name: digest(Path(p)) for p in paths}
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -72,7 +78,8 @@ def sft_rows(rows: list[Row], sft: SFTConfig, constitutions: dict[str, str]) -> 
 
 
 def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row], constitutions: dict[str, str],
-         ckpt_root: Path, log: Any = None, initial: torch.nn.Module | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+         ckpt_root: Path, log: Any = None, initial: torch.nn.Module | None = None,
+         inputs: dict[str, str] | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     seed = params.seed + list(_model_configs(params)).index(name)  # teacher +0, student +1, named +2...
     model = initial if initial is not None else build_llama(mcfg.arch, tok, seed)
     if not mcfg.sft.steps:
@@ -83,7 +90,7 @@ def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row]
     s = mcfg.sft
     settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                             checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25)
-    fp = fingerprint_of(name, mcfg.model_dump(), params.seed, len(train_rows))
+    fp = fingerprint_of(name, mcfg.model_dump(), params.seed, inputs or {}, len(train_rows))
     return train(acc, model, lambda m, _: sft_step(acc, m, pool, tok, s.batch_size), settings,
                  ckpt_dir=ckpt_root / name, fingerprint=fp, on_log=log)
 
@@ -106,6 +113,7 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
     tok = load_tokenizer(prepared / "tokenizer", params.runtime.trust_remote_code)
     rows = load_rows(prepared, "train")
     constitutions = constitutions_of(params, prepared)
+    inputs = content_of(prepared / "train.jsonl", prepared / "tokenizer")
     with atomic_dir(out) as tmp:
         manifest: dict[str, str] = {}
         for name, mcfg in _model_configs(params).items():
@@ -122,7 +130,8 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
             if mcfg.init:  # derived from the teacher this stage just trained or was given
                 teacher_dir = Path(manifest["teacher"]) if Path(manifest["teacher"]).is_absolute() else tmp / "teacher"
                 initial, pruned = pruned_student(teacher_dir, mcfg.init, params.runtime.trust_remote_code)
-            model, history = _sft(params, name, mcfg, tok, rows, constitutions, ckpt_root, log, initial)
+            model, history = _sft(params, name, mcfg, tok, rows, constitutions, ckpt_root, log, initial,
+                                  inputs | (content_of(teacher_dir) if mcfg.init else {}))
             save_model(model, tok, tmp / name)
             manifest[name] = name
             summary[name] = {**pruned, "parameters": count_parameters(model), "steps": len(history),
@@ -253,7 +262,8 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
                             resume=d.resume, seed=params.seed, log_every=d.log_every,
                             updates_per_step=d.ppo_epochs * d.mini_batches if d.method in ("opd", "fire", "copsd") else 1)
-    fp = fingerprint_of(to_flat_dict(params), {n: str(p) for n, p in paths.items()}, str(s_path))
+    fp = fingerprint_of(to_flat_dict(params), content_of(prepared / "train.jsonl", prepared / "tokenizer", s_path,
+                                                          *paths.values()))
     t0 = time.perf_counter()
     model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     save_trained(acc, model, tok, out)

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,18 +132,48 @@ def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in ckpt_dir.iterdir():
         m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file():  # the state file is written last: its presence = complete
+        if m and (p / STATE_FILE).is_file():  # the state file is written last and removed first
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[int, Path] | None:
-    """The last complete checkpoint written by a run with the same settings, if any."""
-    for step, path in reversed(_checkpoints(ckpt_dir)):
-        state = json.loads((path / STATE_FILE).read_text())
-        if state.get("fingerprint") == fingerprint:
-            return step, path
+def _files(path: Path) -> dict[str, int]:
+    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != STATE_FILE}
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a file its state lists is missing or has another size), or None."""
+    try:
+        listed = json.loads((path / STATE_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return f"{STATE_FILE} unreadable or without a file list"
+    for name, size in listed.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
     return None
+
+
+def checkpoints_to_resume(ckpt_dir: Path, fingerprint: str) -> list[tuple[int, Path]]:
+    """Checkpoints of this very run (same fingerprint) whose files are all there, newest first; a damaged
+    one is reported by path and skipped, so the previous complete one is used."""
+    good = []
+    for step, path in reversed(_checkpoints(ckpt_dir)):
+        try:
+            if json.loads((path / STATE_FILE).read_text()).get("fingerprint") != fingerprint:
+                continue
+        except (OSError, ValueError):
+            pass
+        why = damage(path)
+        if why:
+            warnings.warn(f"checkpoint {path} is damaged ({why}); falling back to the previous one", stacklevel=2)
+            continue
+        good.append((step, path))
+    return good
+
 
 
 def _save(acc: Accelerator, ckpt_dir: Path, step: int, fingerprint: str, history: list[dict[str, Any]], keep: int) -> Path:
@@ -153,11 +184,14 @@ def _save(acc: Accelerator, ckpt_dir: Path, step: int, fingerprint: str, history
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
     if acc.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint, "history": history}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint, "history": history,
+                                                  "files": _files(tmp)}))
         if final.exists():
+            (final / STATE_FILE).unlink(missing_ok=True)
             shutil.rmtree(final)
         os.replace(tmp, final)
         for _, old in _checkpoints(ckpt_dir)[:-keep]:
+            (old / STATE_FILE).unlink(missing_ok=True)  # first: a kill while deleting leaves no "complete" husk
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
@@ -208,12 +242,17 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
         return last_update
 
     if ckpt_dir is not None and s.resume == "auto":
-        found = latest_checkpoint(ckpt_dir, fingerprint)
-        if found:
-            start, last_good = found
-            acc.load_state(str(last_good))  # after prepare, as accelerate requires for exact resume
-            history = json.loads((last_good / STATE_FILE).read_text())["history"]
-            acc.print(f"resumed from {last_good} (step {start})")
+        for found_step, path in checkpoints_to_resume(ckpt_dir, fingerprint):
+            try:
+                acc.load_state(str(path))  # after prepare, as accelerate requires for exact resume
+            except Exception as err:  # noqa: BLE001 - any unreadable state: report the path, try the previous
+                warnings.warn(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
+                              "falling back to the previous one", stacklevel=2)
+                continue
+            start, last_good = found_step, path
+            history = json.loads((path / STATE_FILE).read_text())["history"]
+            acc.print(f"resumed from {path} (step {start})")
+            break
     step_fn = step_fn_factory(model, optimize)
     model.train()
     bar = tqdm(total=s.steps, initial=start, desc="train", disable=not acc.is_main_process, leave=False)

@@ -266,3 +266,51 @@ def test_prompts_that_do_not_fit_the_model_context_are_reported(base, tmp_path):
     params = load(root / "params.yaml", {"rollout.max_new_tokens": 10_000})
     with pytest.raises(ValueError, match=r"exceeds the model's context of 160 positions"):
         distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", tmp_path / "ck")
+
+
+def test_a_killed_run_does_not_resume_after_the_data_changed(base, tmp_path):
+    """Checkpoints are keyed by the CONTENT of what the run reads: one changed train row (or token of the
+    tokenizer) between a killed run and its rerun means training restarts from scratch."""
+    import shutil
+
+    root, lay, _, _ = base
+    copy = tmp_path / "prepared"
+    shutil.copytree(lay.prepared, copy)
+    params = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1})
+    ck = tmp_path / "ck"
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_stage(params, copy, lay.models_base, lay.cross_sft, tmp_path / "s", ck, stop_at_3)
+    lines = (copy / "train.jsonl").read_text().splitlines()
+    lines[0] = lines[0].replace("?", "??", 1)
+    (copy / "train.jsonl").write_text("\n".join(lines) + "\n")
+    ran = []
+    distill_stage(params, copy, lay.models_base, lay.cross_sft, tmp_path / "s", ck, lambda step, m: ran.append(step))
+    assert ran == [1, 2, 3, 4]  # from scratch; resuming would have run step 4 only
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(base, tmp_path):
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"distill.steps": 5, "distill.checkpoint_every": 1, "distill.keep_checkpoints": 3})
+    ck = tmp_path / "ck"
+
+    def stop_at_4(step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "a", ck, stop_at_4)
+    newest = ck / "step-000003"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    ran = []
+    with pytest.warns(UserWarning, match=r"step-000003 is damaged \(model.safetensors has 100 bytes"):
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "a", ck,
+                      lambda step, m: ran.append(step))
+    distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "b", tmp_path / "ck-b")
+    assert ran == [3, 4, 5]  # resumed from step-000002
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()

@@ -24,6 +24,9 @@ def apply() -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # bounded waits on a tracking server (MLflow's defaults retry for minutes)
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(ROOT / ".cache" / "huggingface"),
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",

@@ -35,12 +35,41 @@ from tasks import env
 
 PARENT_ENV = "OPD_PARENT_RUN_ID"
 KEY_ENV = "OPD_PIPELINE_KEY"
+class TrackingUnavailable(RuntimeError):
+    """The configured tracking server does not answer; the message names the setting to fix."""
+
+
+def check_reachable(uri: str, tries: int = 3, timeout: float = 3.0) -> None:
+    """An http(s) tracking server must answer ``/health`` within a few tries with backoff (about 20 s at
+    most), so a dead server stops a stage before any training work, not minutes into it."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import time
+    import urllib.error
+    import urllib.request
+
+    err: Exception | None = None
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                return
+        except (urllib.error.URLError, OSError) as e:
+            err = e
+            if attempt + 1 < tries:
+                time.sleep(2 ** attempt)
+    raise TrackingUnavailable(
+        f"the MLflow tracking server {uri} (tracking.uri, or MLFLOW_TRACKING_URI) did not answer after {tries} "
+        f"tries ({err}); start it, point tracking.uri at a running server, or set tracking.uri: null for the "
+        "project's local SQLite store")
+
+
 def configure(params: Params) -> str:
     """Point MLflow at the tracking store and select the experiment; returns the experiment id.
 
     ``MLFLOW_TRACKING_URI`` as set when the process started wins, then ``tracking.uri``, then a
-    SQLite store in the project folder."""
+    SQLite store in the project folder. A server that does not answer fails fast (:func:`check_reachable`)."""
     uri = env.USER_TRACKING_URI or params.tracking.uri or f"sqlite:///{Layout.here().root / 'mlruns.db'}"
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = params.tracking.experiment

@@ -268,3 +268,16 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
         r = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
     assert "data/model_inputs.json" in r.stdout and "modified" in r.stdout, r.stdout
+
+
+def test_a_dead_tracking_server_fails_fast_naming_the_setting():
+    from tasks.tracking import TrackingUnavailable, check_reachable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingUnavailable, match=rf"127.0.0.1:{port} \(tracking.uri, or MLFLOW_TRACKING_URI\)"):
+        check_reachable(f"http://127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 20
+    check_reachable("sqlite:///x.db")  # local stores need no server

@@ -88,7 +88,7 @@ def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, flo
     teacher = teacher.to(acc.device).eval().requires_grad_(False)
     pool = PromptPool(load_rows(PREPARED, "train"), tok)
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=64)
-    d = DistillConfig(method="gkd" if method == "gkd" else "opd", loss="reverse_kl", lambda_on_policy=1.0,
+    d = DistillConfig(method="gkd" if method == "gkd" else "opd", loss="reverse_kl", lambda_on_policy=1.0, temperature=1.0,
                       prompts_per_step=BATCH, lr=LR)
 
     def factory(m, optimize):

@@ -49,11 +49,11 @@ def test_gsm8k_and_boxed_references_pass_validation():
     from opd.config import DataConfig
     from tasks.validate import validate_records
 
-    rows = [{"id": f"r{i}", "split": s, "task": "reasoning", "category": "none", "prompt": "How many?",
+    rows = [{"id": f"r{i}", "split": s, "task": "reasoning", "category": "none", "prompt": f"How many, case {i}?",
              "reference": ref} for i, (s, ref) in enumerate([("train", "48/2 = 24\n#### 72"), ("eval", "so \\boxed{1,024}"),
                                                              ("eval", "Answer: 3.5")])]
     assert validate_records(rows, DataConfig()).success
-    bad = rows + [{"id": "x", "split": "eval", "task": "reasoning", "category": "none", "prompt": "How many?",
+    bad = rows + [{"id": "x", "split": "eval", "task": "reasoning", "category": "none", "prompt": "How many, x?",
                    "reference": "seven"}]
     report = validate_records(bad, DataConfig())
     assert not report.success and "'x'" in report.summary

@@ -183,6 +183,7 @@ def _save(acc: Accelerator, ckpt_dir: Path, step: int, fingerprint: str, history
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()  # every rank's files (its RNG state) are written before rank 0 lists their sizes
     if acc.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "fingerprint": fingerprint, "history": history,
                                                   "files": _files(tmp)}))

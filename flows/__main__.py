@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         from opd.config import load
 
         params = load(args.params, overrides or None)
+        if in_launch() and args.stage not in DISTRIBUTED_STAGES:
+            raise ValueError(f"only the {', '.join(DISTRIBUTED_STAGES)} stage runs under several processes; "
+                             f"run {args.stage} as one process")
         if in_launch() and rank() != 0:
-            worker(args.stage, params)
+            worker(params)
             return 0
         if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
             return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
-        if in_launch() and args.stage not in DISTRIBUTED_STAGES:
-            raise ValueError(f"only the {', '.join(DISTRIBUTED_STAGES)} stage runs under several processes")
         if args.stage == "model-inputs":  # DVC plumbing (the model_inputs stage), not a pipeline step
             from opd.paths import Layout
             from opd.stages import model_inputs, write_json

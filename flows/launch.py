@@ -51,11 +51,9 @@ def run_stage_processes(stage: str, params: Params, params_path: str | None, ove
         raise RuntimeError(f"{stage} under {params.runtime.num_processes} processes exited with code {code}")
 
 
-def worker(stage: str, params: Params) -> None:
-    """A rank other than 0: the stage's engine function only (no Prefect flow, no MLflow run, no writes)."""
-    if stage not in DISTRIBUTED_STAGES:
-        raise ValueError(f"only the {', '.join(DISTRIBUTED_STAGES)} stage runs under several processes; "
-                         f"run {stage} as one process")
+def worker(params: Params) -> None:
+    """A rank other than 0 of the distill stage: the engine function only (no Prefect flow, no MLflow
+    run, no writes); ``python -m flows`` has checked that the stage is one that runs distributed."""
     from opd.paths import Layout
     from opd.stages import distill_stage
 

@@ -206,17 +206,23 @@ def test_sigkill_then_resume_gives_identical_weights(base, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def stop_at(n: int):
+    """A training-loop callback that interrupts the run after step ``n`` (as Ctrl-C would)."""
+
+    def log(step, metrics):
+        if step == n:
+            raise KeyboardInterrupt
+
+    return log
+
+
 def test_changed_settings_do_not_resume_foreign_checkpoints(base, tmp_path):
     root, lay, _, _ = base
     params = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1})
     ck = tmp_path / "ck"
 
-    def stop_at_3(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", ck, stop_at_3)
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", ck, stop_at(3))
     other = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1, "distill.lr": 2e-3})
     summary, history = distill_stage(other, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", ck)
     assert [h["step"] for h in history] == [1, 2, 3, 4]  # started fresh: the history is its own
@@ -279,12 +285,8 @@ def test_a_killed_run_does_not_resume_after_the_data_changed(base, tmp_path):
     params = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1})
     ck = tmp_path / "ck"
 
-    def stop_at_3(step, metrics):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill_stage(params, copy, lay.models_base, lay.cross_sft, tmp_path / "s", ck, stop_at_3)
+        distill_stage(params, copy, lay.models_base, lay.cross_sft, tmp_path / "s", ck, stop_at(3))
     lines = (copy / "train.jsonl").read_text().splitlines()
     lines[0] = lines[0].replace("?", "??", 1)
     (copy / "train.jsonl").write_text("\n".join(lines) + "\n")
@@ -298,12 +300,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(base, tmp_pa
     params = load(root / "params.yaml", {"distill.steps": 5, "distill.checkpoint_every": 1, "distill.keep_checkpoints": 3})
     ck = tmp_path / "ck"
 
-    def stop_at_4(step, metrics):
-        if step == 4:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "a", ck, stop_at_4)
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "a", ck, stop_at(4))
     newest = ck / "step-000003"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short

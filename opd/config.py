@@ -169,8 +169,12 @@ class CopsdConfig(_Section):
     kl_coef: float = Field(0.005, ge=0.0)  # KL(pi_S || pi_init), k3 estimator
     constitutions: str | None = None  # a JSON file {category: template}; null = the prepared set
     # original: the teacher stage's teacher ("constitution OPSD", the baseline without Cross-SFT);
-    # cross_sft: the teacher recalibrated by the cross_sft stage (COPSD proper).
-    teacher: Literal["cross_sft", "original"] = "cross_sft"
+    # cross_sft: the teacher recalibrated by the cross_sft stage (COPSD proper);
+    # self: the initial student itself reading the constitution (self-distillation, the COPSD paper's setting).
+    teacher: Literal["cross_sft", "original", "self"] = "cross_sft"
+    # where the teacher reads the constitution: user (the template around the query, x_c) or system
+    # (the template without its query slot as the system turn, the bare query as the user turn)
+    constitution_role: Literal["user", "system"] = "user"
     prompts_per_step: int = Field(8, ge=1)  # x n samples each
     lr: float = Field(1e-4, gt=0.0, le=1.0)  # group-normalised advantages have unit variance: smaller than OPD's lr
 

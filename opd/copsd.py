@@ -1,8 +1,8 @@
 """COPSD building blocks (ALGORITHMS.md section 2): constitutions, token rewards, group advantages,
 and the Cross-SFT recalibration mix.
 
-The teacher sees the prompt rewritten by its category's constitution; the student always sees the
-bare prompt. Rewards are the clipped teacher-minus-behaviour log-prob of each sampled token, and
+The teacher sees the prompt with its category's constitution (around the query, or as the system
+turn: ``copsd.constitution_role``); the student always sees the bare prompt. Rewards are the clipped teacher-minus-behaviour log-prob of each sampled token, and
 advantages are normalised over ALL valid tokens of the ``n`` responses to one prompt (population
 mean and standard deviation).
 """
@@ -10,6 +10,7 @@ mean and standard deviation).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from opd.data import Row
-from opd.world.constitutions import validate_constitutions
+from opd.world.constitutions import SLOT, validate_constitutions
 
 
 def load_constitutions(path: str | Path) -> dict[str, str]:
@@ -34,6 +35,24 @@ def load_constitutions(path: str | Path) -> dict[str, str]:
 def wrap(query: str, category: str, constitutions: dict[str, str]) -> str:
     """``x_c = constitution_template.format(user_query=x)``; unknown categories use the default."""
     return constitutions.get(category, constitutions["default"]).format(user_query=query)
+
+
+def as_system(template: str) -> str:
+    """A constitution as a system turn: its text without the query slot and without a label left
+    dangling before the slot ("... Query: {user_query}" -> "..."); the query is the user turn."""
+    before, after = template.split(SLOT, 1)
+    before = re.sub(r"[\w ]{1,30}:\s*$", "", before.rstrip()).rstrip()
+    return (before + "\n\n" + after.strip()).strip() if after.strip() else before
+
+
+def teacher_view(row: Row, constitutions: dict[str, str], role: str = "user") -> Row:
+    """The row as COPSD's teacher reads it: the constitution around the query in the user turn
+    (``role: user``, the paper's x_c) or as the system turn before the bare query (``role: system``).
+    The student never sees it: its rows stay bare."""
+    if role == "system":
+        template = constitutions.get(row.category, constitutions["default"])
+        return replace(row, system=as_system(template))
+    return replace(row, prompt=wrap(row.prompt, row.category, constitutions))
 
 
 def token_rewards(t_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, low: float = -3.0,
@@ -63,15 +82,14 @@ class CrossSFTMix:
 
 
 def cross_sft_rows(self_answers: Sequence[tuple[Row, str]], safety: Sequence[Row], constitutions: dict[str, str],
-                   include_self: bool = True) -> CrossSFTMix:
+                   include_self: bool = True, role: str = "user") -> CrossSFTMix:
     """The teacher's recalibration set, both sources with the constitution in the teacher's input.
 
     (a) over-refusal-prone and general prompts answered with the STUDENT's own (accepted) answers;
     (b) safety prompts answered by the oracle (their reference refusals, or a stronger model's).
     ``include_self=False`` is the "w/o self" ablation: source (a) is dropped.
     """
-    a = [replace(r, prompt=wrap(r.prompt, r.category, constitutions), reference=ans, id=f"{r.id}-self")
+    a = [replace(teacher_view(r, constitutions, role), reference=ans, id=f"{r.id}-self")
          for r, ans in self_answers] if include_self else []
-    b = [replace(r, prompt=wrap(r.prompt, r.category, constitutions), id=f"{r.id}-oracle")
-         for r in safety if r.reference]
+    b = [replace(teacher_view(r, constitutions, role), id=f"{r.id}-oracle") for r in safety if r.reference]
     return CrossSFTMix(a + b, {"self": len(a), "oracle": len(b)})

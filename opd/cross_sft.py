@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd.config import CrossSFTConfig, Params, RolloutConfig
-from opd.copsd import cross_sft_rows, wrap
+from opd.copsd import cross_sft_rows, teacher_view
 from opd.data import Row, atomic_dir
 from opd.distill import PromptPool, sft_step
 from opd.answers import check_answer
@@ -36,7 +36,7 @@ from opd.evaluate import load_detector, token_f1
 from opd.models import check_compatible, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend
 from opd.stages import constitutions_of, content_of, load_rows, resolve, write_json
-from opd.tokens import prompt_ids
+from opd.tokens import row_prompt_ids
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
 
 TEACHER_DIR = "teacher"
@@ -71,7 +71,7 @@ def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Seq
     if not rows:
         return [], {"candidates": 0}
     model.eval()
-    samples, _ = TransformersBackend(model, tok, rcfg).sample([prompt_ids(tok, r.prompt) for r in rows], cfg.samples)
+    samples, _ = TransformersBackend(model, tok, rcfg).sample([row_prompt_ids(tok, r) for r in rows], cfg.samples)
     kept: list[tuple[Row, str]] = []
     for i, r in enumerate(rows):
         texts = [tok.decode(s, skip_special_tokens=True) for s in samples[i * cfg.samples:(i + 1) * cfg.samples]]
@@ -84,12 +84,12 @@ def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Seq
 
 
 def oracle_answers(path: str, rows: Sequence[Row], constitutions: dict[str, str], tok: PreTrainedTokenizerBase,
-                   rcfg: RolloutConfig, trust_remote_code: bool) -> list[Row]:
-    """Safety rows answered (greedy) by a stronger local model that reads the constitution-wrapped prompt."""
+                   rcfg: RolloutConfig, trust_remote_code: bool, role: str = "user") -> list[Row]:
+    """Safety rows answered (greedy) by a stronger local model that reads the constitution (as the teacher will)."""
     oracle = load_model(path, trust_remote_code)
     check_compatible(load_tokenizer(path, trust_remote_code), tok, "cross_sft.oracle")
     oracle.eval()
-    prompts = [prompt_ids(tok, wrap(r.prompt, r.category, constitutions)) for r in rows]
+    prompts = [row_prompt_ids(tok, teacher_view(r, constitutions, role)) for r in rows]
     out, _ = TransformersBackend(oracle, tok, rcfg, greedy=True).sample(prompts, 1)
     return [replace(r, reference=tok.decode(o, skip_special_tokens=True)) for r, o in zip(rows, out, strict=True)]
 
@@ -99,7 +99,7 @@ def skip_reason(params: Params) -> str | None:
     if params.distill.method != "copsd":
         return f"distill.method is {params.distill.method!r}: only copsd uses the Cross-SFT teacher"
     if params.copsd.teacher != "cross_sft":
-        return f"copsd.teacher is {params.copsd.teacher!r}: the baseline without Cross-SFT"
+        return f"copsd.teacher is {params.copsd.teacher!r}: no Cross-SFT teacher is read"
     return None
 
 
@@ -139,8 +139,9 @@ def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_
                 "cross_sft.min_f1, raise cross_sft.samples, or set cross_sft.include_self: false on purpose.")
     safety = [r for r in rows if r.task == "safety"]
     if c.oracle:
-        safety = oracle_answers(c.oracle, safety, texts, tok, params.rollout, rt.trust_remote_code)
-    mix = cross_sft_rows(answers, safety, texts, include_self=c.include_self)
+        safety = oracle_answers(c.oracle, safety, texts, tok, params.rollout, rt.trust_remote_code,
+                                params.copsd.constitution_role)
+    mix = cross_sft_rows(answers, safety, texts, include_self=c.include_self, role=params.copsd.constitution_role)
     if not mix.rows:
         raise ValueError("cross_sft: the mix is empty (no accepted student answers and no safety rows)")
     steps = math.ceil(c.epochs * len(mix.rows) / c.batch_size)

@@ -4,7 +4,8 @@ A row is one prompt of one task::
 
     {"id": "reasoning-00001", "split": "train" | "eval", "task": "reasoning" | "safety" |
      "borderline" | "general", "category": "violence" | "illegal" | "hate" | "privacy" |
-     "self_harm" | "none", "prompt": "...", "reference": "...", "teacher": "name" (optional)}
+     "self_harm" | "none", "prompt": "...", "reference": "...", "teacher": "name" (optional),
+     "system": "..." (optional: a system turn for every model that reads the row)}
 
 ``reference`` is the wanted response: a worked solution ending in ``Answer: N`` for reasoning, a
 refusal that explains and redirects for safety, a helpful answer for borderline and general.
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("id", "split", "task", "category", "prompt", "reference", "teacher")
+COLUMNS = ("id", "split", "task", "category", "prompt", "reference", "teacher", "system")
 REQUIRED = ("id", "split", "task", "category", "prompt")
 SPLITS = ("train", "eval")
 
@@ -43,6 +44,7 @@ class Row:
     prompt: str
     reference: str | None = None
     teacher: str | None = None
+    system: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
@@ -187,5 +189,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Row]) -> None:
     atomic_write_text(path, "".join(r.to_json() + "\n" for r in rows))
 
 
-def user_turn(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
+def chat(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The messages of one prompt: an optional system turn, then the user turn. Without a system
+    turn a model's template adds its own default one (SmolLM2's "You are a helpful AI assistant...")."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

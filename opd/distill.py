@@ -29,7 +29,7 @@ from opd.fire import fire_advantages
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
 from opd.rollout import Rollout, RolloutBackend, rollout, sampler_gap
 from opd.scoring import Sequences, token_stats, vocab_divergence
-from opd.tokens import prompt_ids, response_ids
+from opd.tokens import response_ids, row_prompt_ids
 from opd.train import Optimize
 
 DEFAULT_TEACHER = "default"
@@ -47,13 +47,13 @@ class Example:
 class PromptPool:
     """Rows of the train split, tokenised once for the student's and the teacher's views.
 
-    ``teacher_text`` maps a row to the teacher's prompt text (the bare prompt by default; COPSD
-    wraps it in a constitution). ``route`` maps a row to a teacher name (multi-teacher).
+    ``teacher_view`` maps a row to the row the teacher reads (the row itself by default; COPSD adds
+    its constitution). ``route`` maps a row to a teacher name (multi-teacher).
     """
 
     def __init__(self, rows: Sequence[Row], student_tok: PreTrainedTokenizerBase,
                  teacher_toks: dict[str, PreTrainedTokenizerBase] | None = None,
-                 teacher_text: Callable[[Row], str] = lambda r: r.prompt,
+                 teacher_view: Callable[[Row], Row] = lambda r: r,
                  route: Callable[[Row], str] = lambda r: DEFAULT_TEACHER):
         if not rows:
             raise ValueError("no training rows for distillation (check distill.tasks and the train split)")
@@ -64,8 +64,8 @@ class PromptPool:
             if name not in teacher_toks:
                 raise ValueError(f"row {r.id} names teacher {name!r}, but the configured teachers are {sorted(teacher_toks)}")
             self.examples.append(Example(
-                row=r, student_prompt=prompt_ids(student_tok, r.prompt),
-                teacher_prompt=prompt_ids(teacher_toks[name], teacher_text(r)),
+                row=r, student_prompt=row_prompt_ids(student_tok, r),
+                teacher_prompt=row_prompt_ids(teacher_toks[name], teacher_view(r)),
                 reference=response_ids(student_tok, r.reference) if r.reference else None, teacher=name))
 
     def check_fits(self, student_positions: int, teacher_positions: dict[str, int], new_tokens: int) -> None:

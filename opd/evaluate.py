@@ -29,7 +29,7 @@ from opd.config import EvaluateConfig, RolloutConfig
 from opd.data import Row
 from opd.rollout import TransformersBackend
 from opd.scoring import Sequences, token_stats
-from opd.tokens import prompt_ids
+from opd.tokens import row_prompt_ids
 
 # A refusal is a sentence that OPENS with the speaker declining: an optional lead-in ("Sorry,", "I'm
 # afraid", "As an AI,", "No,", "Unfortunately,"), then "I can't / cannot / won't / am unable to ..." followed
@@ -120,7 +120,7 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     ordered = [r for t in sorted(by_task) for r in by_task[t]]
     if not ordered:
         raise ValueError("no eval rows to evaluate")
-    prompts = [prompt_ids(tok, r.prompt) for r in ordered]
+    prompts = [row_prompt_ids(tok, r) for r in ordered]
     model.eval()
     greedy = generate(model, tok, prompts, cfg, greedy=True)
     texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]

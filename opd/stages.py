@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,13 @@ import torch
 
 from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
 from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, records_to_rows
-from opd.copsd import load_constitutions, wrap
+from opd.copsd import load_constitutions, teacher_view
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector, safety_tax
 from opd.models import (build_llama, check_compatible, count_parameters, evenly_spaced, load_model, load_tokenizer,
                         prune_layers, save_model)
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend
+from opd.templates import template_gap
 from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
 
@@ -188,9 +190,12 @@ def frozen_dtype(precision: str) -> torch.dtype:
 
 
 def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
-    """COPSD's teacher: the Cross-SFT recalibrated one, or the original ("constitution OPSD")."""
+    """COPSD's teacher: the Cross-SFT recalibrated one, the original ("constitution OPSD"), or the
+    initial student itself (self-distillation: the only thing it gains is the constitution)."""
     if params.copsd.teacher == "original":
         return resolve(base, "teacher")
+    if params.copsd.teacher == "self":
+        return resolve(base, "student_init")
     path = cross / "teacher"
     if not path.is_dir():
         raise FileNotFoundError(f"{path} missing: run the cross_sft stage first with distill.method: copsd "
@@ -225,15 +230,20 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     teachers = {n: _frozen(load_model(p, rt.trust_remote_code, frozen), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
     route = (lambda r: r.teacher or "default") if d.routing == "by_row" else (lambda r: "default")
-    teacher_text = lambda r: r.prompt  # noqa: E731
-    if d.method == "copsd":  # the teacher sees the constitution-wrapped prompt, n samples per prompt
+    view = lambda r: r  # noqa: E731
+    if d.method == "copsd":  # the teacher reads the constitution, n samples per prompt
         c = params.copsd
         texts = constitutions_of(params, prepared)
-        teacher_text = lambda r: wrap(r.prompt, r.category, texts)  # noqa: E731
+        view = lambda r: teacher_view(r, texts, c.constitution_role)  # noqa: E731
         d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef, "lr": c.lr,
                                  "prompts_per_step": c.prompts_per_step})
-    pool = PromptPool(rows, tok, toks, teacher_text=teacher_text, route=route)
+    pool = PromptPool(rows, tok, toks, teacher_view=view, route=route)
     pool.check_fits(context_of(student), {n: context_of(t) for n, t in teachers.items()}, params.rollout.max_new_tokens)
+    template = template_gap(teachers["default"], toks["default"], tok, rows, chunk=d.chunk_size)
+    if not template["template_match"] and acc.is_main_process:
+        warnings.warn(f"teacher and student chat templates differ: each reads prompts through its own; the teacher's "
+                      f"mean log-prob of reference answers is {template['teacher_logprob_own_template']} after its "
+                      f"own template and {template['teacher_logprob_student_template']} after the student's", stacklevel=1)
     ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if d.kl_coef else None
     sharded = acc.is_fsdp2
 
@@ -270,7 +280,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     if acc.is_main_process:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
-               "processes": acc.num_processes, "final": history[-1] if history else {}}
+               "processes": acc.num_processes, "template": template, "final": history[-1] if history else {}}
     return summary, history
 
 

@@ -12,12 +12,17 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from opd.data import user_turn
+from opd.data import Row, chat
 
 
-def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    return list(tok.apply_chat_template(user_turn(prompt), add_generation_prompt=True, tokenize=True,
+def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> list[int]:
+    return list(tok.apply_chat_template(chat(prompt, system), add_generation_prompt=True, tokenize=True,
                                         return_dict=False))
+
+
+def row_prompt_ids(tok: PreTrainedTokenizerBase, row: Row) -> list[int]:
+    """A row's prompt (and its system turn, if any) through ``tok``'s own chat template."""
+    return prompt_ids(tok, row.prompt, row.system)
 
 
 def response_ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:

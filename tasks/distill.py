@@ -38,4 +38,5 @@ def distill_student(params: Params) -> dict[str, Any]:
     write_json(lay.metrics / "distill.json", summary)
     log_curves(history, CURVES, f"distill ({params.distill.method})", "plots/distill.png")
     mlflow.log_metric("distill.seconds", summary["seconds"])
+    mlflow.log_metrics({f"distill.{k}": v for k, v in summary["template"].items()})
     return summary

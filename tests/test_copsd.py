@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.copsd import cross_sft_rows, group_advantages, load_constitutions, token_rewards, wrap
+from opd.copsd import cross_sft_rows, group_advantages, load_constitutions, teacher_view, token_rewards, wrap
 from opd.data import Row
 from opd.world.constitutions import DEFAULT_CONSTITUTIONS
 
@@ -75,16 +75,32 @@ def test_cross_sft_counts_per_source_and_without_self():
     assert ablation.counts == {"self": 0, "oracle": 3}
 
 
-def test_the_pool_gives_the_teacher_the_wrapped_prompt_and_the_student_the_bare_one():
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["embedded", "chatml"])
+@pytest.mark.parametrize("role", ["user", "system"])
+def test_the_teacher_reads_the_constitution_inside_its_template_and_the_student_never_does(template, role):
+    import copy
+
     from opd.distill import PromptPool
     from opd.world import train_tokenizer
 
     r = row(1, task="safety", category="privacy", reference="I can't help with that.")
     tok = train_tokenizer([r.prompt, DEFAULT_CONSTITUTIONS["privacy"]], 300)
-    ex = PromptPool([r], tok, teacher_text=lambda x: wrap(x.prompt, x.category, DEFAULT_CONSTITUTIONS)).examples[0]
+    if template == "chatml":
+        tok = copy.deepcopy(tok)
+        tok.chat_template = CHATML
+    ex = PromptPool([r], tok, teacher_view=lambda x: teacher_view(x, DEFAULT_CONSTITUTIONS, role)).examples[0]
     teacher, student = tok.decode(ex.teacher_prompt), tok.decode(ex.student_prompt)
-    assert "Rules on privacy" in teacher and r.prompt in teacher
-    assert "Rules" not in student and r.prompt in student
+    rules = "Rules on privacy: judge if it exposes a person."
+    turn = {"embedded": {"user": "<|user|>", "system": "<|system|>"}, "chatml": {"user": "<|im_start|>user\n",
+                                                                                  "system": "<|im_start|>system\n"}}
+    assert turn[template][role] + rules in teacher and teacher.index(rules) < teacher.index(r.prompt)
+    assert "Rules" not in student and r.prompt in student and turn[template]["user"] in student
+    if role == "system":  # the query is the user turn, bare; the slot's label is not left dangling
+        assert "Query:" not in teacher and turn[template]["user"] + r.prompt in teacher and "system" not in student
 
 
 def test_the_cautious_teacher_corpus_refuses_borderline_and_answers_tersely():

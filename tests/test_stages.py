@@ -67,7 +67,7 @@ def test_teacher_stage_trains_both_models(base):
     {"distill.method": "sft"},
     {"distill.method": "fire"},
     {"distill.method": "fire", "fire.token_select": True, "fire.normalize": "batch"},
-    {"distill.method": "copsd", "copsd.teacher": "original"},
+    {"distill.method": "copsd", "copsd.teacher": "self", "copsd.constitution_role": "system"},
     {"distill.method": "copsd", "copsd.teacher": "original", "distill.ppo_epochs": 2, "distill.mini_batches": 2,
      "runtime.gradient_checkpointing": True},
 ])
@@ -79,6 +79,9 @@ def test_distill_then_evaluate(base, tmp_path, overrides):
     assert summary["steps"] == len(history) == params.distill.steps
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert (out / "model.safetensors").is_file() and not (tmp_path / "ckpt").exists()
+    assert summary["template"] == {"template_match": 1.0}  # one tokenizer, one template
+    if overrides.get("copsd.teacher") == "self":  # self-distillation: the initial student reads the constitution
+        assert summary["teacher"] == str(resolve(lay.models_base, "student_init"))
     table, samples = evaluate_stage(params, lay.prepared, {"student_init": resolve(lay.models_base, "student_init"),
                                                            "student": out})
     for name in ("student_init", "student"):

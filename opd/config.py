@@ -8,14 +8,14 @@ message names the dotted key (``distill.lr``) and says what is wrong with it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 
 TASKS = ("reasoning", "safety", "borderline", "general")
-CATEGORIES = ("violence", "illegal", "hate", "privacy", "self_harm", "none")
+CATEGORY_PATTERN = r"^[a-z][a-z0-9_]*$"  # a row's harm category: a lowercase label naming its constitution
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,7 @@ class SFTConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
     # Safety rows of only these harm categories (null = all): a partly aligned model.
-    safety_categories: list[Literal["violence", "illegal", "hate", "privacy", "self_harm"]] | None = None
+    safety_categories: list[Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]] | None = None
     # Embedded world only: "cautious" also trains on constitution-wrapped copies of the rows with
     # over-cautious answers (opd/world/behaviour.py), the problem setting COPSD addresses.
     constitution_mode: Literal["none", "cautious"] = "none"

@@ -145,12 +145,13 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
     return summary, curves
 
 
-def model_inputs(params: Params) -> dict[str, dict[str, str]]:
-    """Content hashes of the user's model folders (``teacher.path``, ``student.path``, ``teachers.*.path``).
+def user_inputs(params: Params) -> dict[str, dict[str, str]]:
+    """Content hashes of the user's inputs that only params.yaml names: model folders (``teacher.path``,
+    ``student.path``, ``teachers.*.path``), the data (``data.path``) and the constitutions file.
 
-    DVC tracks paths named in dvc.yaml, and these folders are named only in params.yaml, so the
-    ``model_inputs`` stage (always run, a second or two) writes this to ``data/model_inputs.json``; the
-    stages that read the folders depend on that file, and rerun exactly when a folder's content changes.
+    DVC tracks paths named in dvc.yaml, so it could not see a change inside these. The
+    ``user_inputs`` stage (always run, a second or two) writes this to ``data/user_inputs.json``; the
+    stages that read them depend on that file, and rerun exactly when a content changes.
     """
     named = {"teacher": params.teacher, "student": params.student, **{f"teacher_{n}": m for n, m in params.teachers.items()}}
     out = {}
@@ -159,6 +160,14 @@ def model_inputs(params: Params) -> dict[str, dict[str, str]]:
             if not Path(m.path).is_dir():
                 raise FileNotFoundError(f"{name}.path {m.path}: no such model folder")
             out[name] = {"path": str(Path(m.path).resolve()), "sha256": digest(Path(m.path))}
+    files = {"data": params.data.path if params.data.source != "embedded" else None,
+             "constitutions": params.copsd.constitutions}
+    for name, f in files.items():
+        if f:
+            key = "data.path" if name == "data" else "copsd.constitutions"
+            if not Path(f).exists():
+                raise FileNotFoundError(f"{key} {f}: does not exist")
+            out[name] = {"path": str(Path(f).resolve()), "sha256": digest(Path(f))}
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from opd.answers import extractor
-from opd.config import CATEGORIES, TASKS, DataConfig
+from opd.config import CATEGORY_PATTERN, TASKS, DataConfig
 from opd.data import REQUIRED, SPLITS
 
 
@@ -69,8 +69,10 @@ def build_suite(columns: list[str], cfg: DataConfig, control_tokens: list[str] =
     exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REQUIRED if c in columns]
     if "id" in columns:
         exps.append(gxe.ExpectColumnValuesToBeUnique(column="id"))
-    sets = {"task": TASKS, "category": CATEGORIES, "split": SPLITS}
+    sets = {"task": TASKS, "split": SPLITS}
     exps += [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=list(v)) for c, v in sets.items() if c in columns]
+    if "category" in columns:  # any lowercase label: the constitution of that name, else the default one
+        exps.append(gxe.ExpectColumnValuesToMatchRegex(column="category", regex=CATEGORY_PATTERN))
     if "prompt" in columns:
         exps.append(gxe.ExpectColumnValueLengthsToBeBetween(
             column="prompt", min_value=cfg.min_prompt_chars, max_value=cfg.max_prompt_chars))

@@ -264,10 +264,10 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     changed = load_model(teacher)
     torch.nn.init.normal_(changed.lm_head.weight)
     save_model(changed, load_tokenizer(teacher), teacher)
-    for cmd in (["dvc", "repro", "model_inputs"], ["dvc", "status", "teacher"]):
+    for cmd in (["dvc", "repro", "user_inputs"], ["dvc", "status", "teacher"]):
         r = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    assert "data/model_inputs.json" in r.stdout and "modified" in r.stdout, r.stdout
+    assert "data/user_inputs.json" in r.stdout and "modified" in r.stdout, r.stdout
 
 
 def test_a_dead_tracking_server_fails_fast_naming_the_setting():

@@ -58,3 +58,23 @@ def test_a_template_difference_is_measured_not_mixed(tmp_path):
     assert gap["template_match"] == 0.0
     own, theirs = gap["teacher_logprob_own_template"], gap["teacher_logprob_student_template"]
     assert own < 0 and theirs < 0 and own != theirs
+
+
+def test_the_users_data_and_constitutions_are_hashed_for_dvc(tmp_path):
+    """data.path and copsd.constitutions are named only in params.yaml: their content hashes go to
+    data/user_inputs.json (a DVC dependency), so editing the data in place makes prepare stale."""
+    import json
+
+    from opd.config import load
+    from opd.stages import user_inputs
+
+    data, consts = tmp_path / "rows.jsonl", tmp_path / "constitutions.json"
+    data.write_text('{"id": "a"}\n')
+    consts.write_text(json.dumps({"default": "Be safe. {user_query}"}))
+    params = load(None, {"data.source": "jsonl", "data.path": str(data), "copsd.constitutions": str(consts)})
+    before = user_inputs(params)
+    assert set(before) == {"data", "constitutions"}
+    data.write_text('{"id": "b"}\n')
+    after = user_inputs(params)
+    assert after["data"]["sha256"] != before["data"]["sha256"] and after["constitutions"] == before["constitutions"]
+    assert user_inputs(load(None, {})) == {}  # the embedded world has no user inputs

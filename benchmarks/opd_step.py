@@ -2,6 +2,13 @@
 
     pip install -e '.[bench]'          # trl is a benchmark extra, not a runtime dependency
     python benchmarks/opd_step.py [--rounds 5] [--steps 8] [--warmup 2]
+    python benchmarks/opd_step.py --real models/real/teacher --data data/real [--n-layers 8] [--batch 4]
+
+``--real``: the real pair instead of the tiny one: the teacher folder (SmolLM2-135M-Instruct from
+``python -m flows import-model``), the student pruned from it to ``--n-layers`` evenly spaced layers,
+its tokenizer and chat template, the train prompts of ``--data`` (``python -m flows real-data``),
+``--new-tokens`` (64) new tokens, and TRL 1.16's ``DistillationTrainer`` (on-policy, chunked
+generalised JSD at ``beta=1``: reverse KL) as a fourth side. Writes ``opd_step_real.json``.
 
 The comparison setup of ../shared/PEERS.md, identical on every side: teacher Llama (hidden 128,
 4 layers, intermediate 384, 4 heads), student (hidden 96, 2 layers, intermediate 256), both built
@@ -49,8 +56,9 @@ from opd.stages import load_rows  # noqa: E402
 TEACHER = ArchConfig(hidden_size=128, num_layers=4, intermediate_size=384, num_heads=4, max_positions=256)
 STUDENT = ArchConfig(hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4, max_positions=256)
 BATCH, NEW_TOKENS, LR = 16, 48, 1e-5
-SIDES = ("engine-gkd", "engine-opd", "trl-gkd")
+SIDES = ("engine-gkd", "engine-opd", "trl-gkd", "trl-distill")
 PREPARED = ROOT / "data" / "prepared"
+REAL: dict[str, str] = {}  # --real: {"teacher": folder, "data": folder, "n_layers": str}
 
 
 class Peak:
@@ -73,8 +81,22 @@ class Peak:
         return (self.rss.peak - self.rss.base) / 2**20
 
 
-def _models(tok):
-    return build_llama(STUDENT, tok, 1), build_llama(TEACHER, tok, 0)
+def _setup():
+    """(tokenizer, student, teacher, rows): the tiny pair on the prepared world, or the real pair."""
+    if not REAL:
+        tok = load_tokenizer(PREPARED / "tokenizer")
+        return tok, build_llama(STUDENT, tok, 1), build_llama(TEACHER, tok, 0), load_rows(PREPARED, "train")
+    import copy
+
+    from opd.data import load_user_records, records_to_rows
+    from opd.models import evenly_spaced, load_model, prune_layers
+
+    tok = load_tokenizer(REAL["teacher"])
+    teacher = load_model(REAL["teacher"])
+    n = teacher.config.num_hidden_layers
+    student = prune_layers(copy.deepcopy(teacher), evenly_spaced(n, int(REAL["n_layers"])))
+    rows = [r for r in records_to_rows(load_user_records("jsonl", REAL["data"])) if r.split == "train"]
+    return tok, student, teacher, rows
 
 
 def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
@@ -82,11 +104,10 @@ def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, flo
     from opd.rollout import TransformersBackend
     from opd.train import LoopSettings, make_accelerator, train
 
-    tok = load_tokenizer(PREPARED / "tokenizer")
-    student, teacher = _models(tok)
+    tok, student, teacher, rows = _setup()
     acc = make_accelerator(RuntimeConfig())
     teacher = teacher.to(acc.device).eval().requires_grad_(False)
-    pool = PromptPool(load_rows(PREPARED, "train"), tok)
+    pool = PromptPool(rows, tok)
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=64)
     d = DistillConfig(method="gkd" if method == "gkd" else "opd", loss="reverse_kl", lambda_on_policy=1.0, temperature=1.0,
                       prompts_per_step=BATCH, lr=LR)
@@ -111,23 +132,32 @@ def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, flo
             "peak_mb": peak[0].read()}
 
 
-def run_trl(steps: int, warmup: int, seed: int) -> dict[str, float]:
+def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd") -> dict[str, float]:
+    """TRL's ``GKDTrainer`` (``trainer="gkd"``) or ``DistillationTrainer`` (``"distill"``), fully on-policy."""
     from datasets import Dataset
     from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    tok = load_tokenizer(PREPARED / "tokenizer")
-    student, teacher = _models(tok)
-    rows = load_rows(PREPARED, "train")
-    data = Dataset.from_list([{"messages": [{"role": "user", "content": r.prompt},
-                                            {"role": "assistant", "content": r.reference or ""}]} for r in rows])
+    tok, student, teacher, rows = _setup()
     tokens: list[float] = []
+    if trainer == "gkd":
+        data = Dataset.from_list([{"messages": [{"role": "user", "content": r.prompt},
+                                                {"role": "assistant", "content": r.reference or ""}]} for r in rows])
 
-    class Counting(GKDTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            tokens.append(float((inputs["labels"] != -100).sum()))  # the on-policy completion tokens
-            return loss
+        class Counting(GKDTrainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                tokens.append(float((inputs["labels"] != -100).sum()))  # the on-policy completion tokens
+                return loss
+    else:
+        data = Dataset.from_list([{"prompt": [{"role": "user", "content": r.prompt}]} for r in rows])
+
+        class Counting(DistillationTrainer):
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                tokens.append(float(inputs["completion_mask"].sum()))  # the generated completion tokens
+                return loss
 
     marks: list[float] = []
     peak: list[Peak] = []
@@ -138,12 +168,15 @@ def run_trl(steps: int, warmup: int, seed: int) -> dict[str, float]:
             if state.global_step == warmup:
                 peak.append(Peak())
 
+    common = {"per_device_train_batch_size": BATCH, "max_steps": warmup + steps, "learning_rate": LR, "beta": 1.0,
+              "temperature": 1.0, "logging_steps": 10_000, "save_strategy": "no", "report_to": "none",
+              "disable_dropout": True, "seed": seed, "dataloader_num_workers": 0,
+              "use_cpu": not torch.cuda.is_available()}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = GKDConfig(output_dir=tmp, per_device_train_batch_size=BATCH, max_steps=warmup + steps,
-                        learning_rate=LR, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=NEW_TOKENS,
-                        max_length=256, logging_steps=10_000, save_strategy="no", report_to="none",
-                        disable_dropout=True, seed=seed, dataloader_num_workers=0,
-                        use_cpu=not torch.cuda.is_available())
+        if trainer == "gkd":
+            cfg = GKDConfig(output_dir=tmp, lmbda=1.0, max_new_tokens=NEW_TOKENS, max_length=1024, **common)
+        else:
+            cfg = DistillationConfig(output_dir=tmp, max_completion_length=NEW_TOKENS, **common)
         Counting(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
                  callbacks=[Clock()]).train()
     return {"seconds": marks[-1] - marks[warmup - 1], "tokens": sum(tokens[warmup:]), "peak_mb": peak[0].read()}
@@ -170,8 +203,8 @@ def loss_check() -> dict[str, float]:
 
 def measure(side: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    if side == "trl-gkd":
-        return run_trl(steps, warmup, seed)
+    if side.startswith("trl-"):
+        return run_trl(steps, warmup, seed, side.split("-")[1])
     return run_engine(side.split("-")[1], steps, warmup, seed)
 
 
@@ -180,19 +213,33 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    ap.add_argument("--sides", nargs="+", default=None, choices=SIDES,
+                    help="default: all but trl-distill (tiny pair), all four (--real)")
+    ap.add_argument("--real", default=None, metavar="TEACHER_DIR", help="benchmark the real pair (see above)")
+    ap.add_argument("--data", default="data/real", help="--real: the recipe's data folder")
+    ap.add_argument("--n-layers", type=int, default=8, help="--real: the student's layers, pruned from the teacher")
+    ap.add_argument("--batch", type=int, default=None, help=f"prompts per step (default {BATCH}; --real: 4)")
+    ap.add_argument("--new-tokens", type=int, default=None, help=f"new tokens (default {NEW_TOKENS}; --real: 64)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one measurement
     args = ap.parse_args()
+    global BATCH, NEW_TOKENS
+    BATCH = args.batch or (4 if args.real else BATCH)
+    NEW_TOKENS = args.new_tokens or (64 if args.real else NEW_TOKENS)
+    if args.real:
+        REAL.update(teacher=args.real, data=args.data, n_layers=str(args.n_layers))
+    sides = args.sides or (list(SIDES) if args.real else [s for s in SIDES if s != "trl-distill"])
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.warmup, args.rounds)))
         return
-    if not (PREPARED / "tokenizer").is_dir():
+    if not args.real and not (PREPARED / "tokenizer").is_dir():
         sys.exit("run `dvc repro prepare` first (the benchmark uses the prepared tokenizer and prompts)")
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in args.sides}
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
     for r in range(args.rounds):
-        for side in args.sides:  # interleaved: every round runs every side once
+        for side in sides:  # interleaved: every round runs every side once
             cmd = [sys.executable, __file__, "--one", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--rounds", str(r)]
+                   "--rounds", str(r), "--batch", str(BATCH), "--new-tokens", str(NEW_TOKENS)]
+            if args.real:
+                cmd += ["--real", args.real, "--data", args.data, "--n-layers", str(args.n_layers)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
@@ -210,9 +257,10 @@ def main() -> None:
                          "tokens_per_s_max": max(tps), "s_per_step": statistics.median(x["s_per_step"] for x in rs),
                          "peak_mb": statistics.median(x["peak_mb"] for x in rs),
                          "tokens_per_step": statistics.median(x["tokens"] / args.steps for x in rs)}
-    base = summary.get("trl-gkd")
+    trl = [s for k, s in summary.items() if k.startswith("trl-")]
+    base = max(trl, key=lambda s: s["tokens_per_s"]) if trl else None  # the faster TRL trainer
     print(f"\n{'side':11s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>6s} | {'tok/step':>8s} | "
-          f"{'peak MB':>7s} | vs TRL")
+          f"{'peak MB':>7s} | vs faster TRL")
     print("-" * 84)
     for side, s in summary.items():
         ratio = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
@@ -221,10 +269,11 @@ def main() -> None:
     print("\nengine GKD loss vs TRL generalized_jsd_loss, max |diff| (float64):",
           ", ".join(f"{k}: {v:.1e}" for k, v in check.items()))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    out = ROOT / "benchmarks" / "results" / "opd_step.json"
+    out = ROOT / "benchmarks" / "results" / ("opd_step_real.json" if args.real else "opd_step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rounds": args.rounds,
-                               "steps": args.steps, "summary": summary, "runs": runs, "loss_check": check},
+                               "steps": args.steps, "batch": BATCH, "new_tokens": NEW_TOKENS, "real": REAL or None,
+                               "summary": summary, "runs": runs, "loss_check": check},
                               indent=2) + "\n")
 
 

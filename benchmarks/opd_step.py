@@ -209,6 +209,7 @@ def measure(side: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
+    global BATCH, NEW_TOKENS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
@@ -222,10 +223,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help=f"new tokens (default {NEW_TOKENS}; --real: 64)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one measurement
     args = ap.parse_args()
-    global BATCH, NEW_TOKENS
     BATCH = args.batch or (4 if args.real else BATCH)
     NEW_TOKENS = args.new_tokens or (64 if args.real else NEW_TOKENS)
-    if args.real:
+    if args.real:  # absolute: the measurements run as children in ROOT
+        args.real, args.data = str(Path(args.real).resolve()), str(Path(args.data).resolve())
         REAL.update(teacher=args.real, data=args.data, n_layers=str(args.n_layers))
     sides = args.sides or (list(SIDES) if args.real else [s for s in SIDES if s != "trl-distill"])
     if args.one:

@@ -94,6 +94,7 @@ def main() -> None:
         m, c, k = args.one
         print(json.dumps(one(m, int(c), int(k), args.teacher, args.data, args.batch, args.new_tokens)))
         return
+    args.teacher, args.data = str(Path(args.teacher).resolve()), str(Path(args.data).resolve())  # children run in ROOT
     rows = []
     print(f"GKD (JSD, beta 0.5), {args.batch} prompts x {args.new_tokens} new tokens, 2 steps, CPU "
           f"{torch.get_num_threads()} threads")

@@ -153,11 +153,11 @@ def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd") -> dict[st
     else:
         data = Dataset.from_list([{"prompt": [{"role": "user", "content": r.prompt}]} for r in rows])
 
-        class Counting(DistillationTrainer):
-            def training_step(self, model, inputs, num_items_in_batch=None):
-                loss = super().training_step(model, inputs, num_items_in_batch)
-                tokens.append(float(inputs["completion_mask"].sum()))  # the generated completion tokens
-                return loss
+        class Counting(DistillationTrainer):  # its training_step receives raw prompts and generates inside
+            def _generate_and_score_completions(self, inputs):
+                out = super()._generate_and_score_completions(inputs)
+                tokens.append(float(out["completion_mask"].sum()))  # the generated completion tokens
+                return out
 
     marks: list[float] = []
     peak: list[Peak] = []

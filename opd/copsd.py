@@ -32,9 +32,14 @@ def load_constitutions(path: str | Path) -> dict[str, str]:
     return validate_constitutions(texts)
 
 
+def constitution_of(category: str, constitutions: dict[str, str]) -> str:
+    """The template of a category; categories without one use the ``default``."""
+    return constitutions.get(category, constitutions["default"])
+
+
 def wrap(query: str, category: str, constitutions: dict[str, str]) -> str:
-    """``x_c = constitution_template.format(user_query=x)``; unknown categories use the default."""
-    return constitutions.get(category, constitutions["default"]).format(user_query=query)
+    """``x_c = constitution_template.format(user_query=x)``."""
+    return constitution_of(category, constitutions).format(user_query=query)
 
 
 def as_system(template: str) -> str:
@@ -50,8 +55,7 @@ def teacher_view(row: Row, constitutions: dict[str, str], role: str = "user") ->
     (``role: user``, the paper's x_c) or as the system turn before the bare query (``role: system``).
     The student never sees it: its rows stay bare."""
     if role == "system":
-        template = constitutions.get(row.category, constitutions["default"])
-        return replace(row, system=as_system(template))
+        return replace(row, system=as_system(constitution_of(row.category, constitutions)))
     return replace(row, prompt=wrap(row.prompt, row.category, constitutions))
 
 

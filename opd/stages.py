@@ -153,21 +153,19 @@ def user_inputs(params: Params) -> dict[str, dict[str, str]]:
     ``user_inputs`` stage (always run, a second or two) writes this to ``data/user_inputs.json``; the
     stages that read them depend on that file, and rerun exactly when a content changes.
     """
-    named = {"teacher": params.teacher, "student": params.student, **{f"teacher_{n}": m for n, m in params.teachers.items()}}
+    models = {"teacher": params.teacher, "student": params.student, **{f"teacher_{n}": m for n, m in params.teachers.items()}}
+    # name -> (the setting that names it, its path or None, whether it must be a model folder)
+    inputs = {name: (f"{name}.path", m.path, True) for name, m in models.items()}
+    inputs["data"] = ("data.path", params.data.path if params.data.source != "embedded" else None, False)
+    inputs["constitutions"] = ("copsd.constitutions", params.copsd.constitutions, False)
     out = {}
-    for name, m in named.items():
-        if m.path:
-            if not Path(m.path).is_dir():
-                raise FileNotFoundError(f"{name}.path {m.path}: no such model folder")
-            out[name] = {"path": str(Path(m.path).resolve()), "sha256": digest(Path(m.path))}
-    files = {"data": params.data.path if params.data.source != "embedded" else None,
-             "constitutions": params.copsd.constitutions}
-    for name, f in files.items():
-        if f:
-            key = "data.path" if name == "data" else "copsd.constitutions"
-            if not Path(f).exists():
-                raise FileNotFoundError(f"{key} {f}: does not exist")
-            out[name] = {"path": str(Path(f).resolve()), "sha256": digest(Path(f))}
+    for name, (setting, path, folder) in inputs.items():
+        if not path:
+            continue
+        p = Path(path)
+        if not (p.is_dir() if folder else p.exists()):
+            raise FileNotFoundError(f"{setting} {path}: {'no such model folder' if folder else 'does not exist'}")
+        out[name] = {"path": str(p.resolve()), "sha256": digest(p)}
     return out
 
 

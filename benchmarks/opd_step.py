@@ -81,22 +81,30 @@ class Peak:
         return (self.rss.peak - self.rss.base) / 2**20
 
 
+def train_rows(data: str) -> list:
+    """The train split of a data folder (``python -m flows real-data``)."""
+    from opd.data import load_user_records, records_to_rows
+
+    return [r for r in records_to_rows(load_user_records("jsonl", data)) if r.split == "train"]
+
+
+def real_pair(teacher_dir: str, data: str, n_layers: int):
+    """(tokenizer, student, teacher, train rows): a teacher folder, the student pruned from it as the
+    teacher stage prunes (``student.init: {n_layers: K}``), and the train split of a data folder."""
+    from opd.config import InitConfig
+    from opd.models import load_model
+    from opd.stages import pruned_student
+
+    student, _ = pruned_student(Path(teacher_dir), InitConfig(n_layers=n_layers))
+    return load_tokenizer(teacher_dir), student, load_model(teacher_dir), train_rows(data)
+
+
 def _setup():
     """(tokenizer, student, teacher, rows): the tiny pair on the prepared world, or the real pair."""
-    if not REAL:
-        tok = load_tokenizer(PREPARED / "tokenizer")
-        return tok, build_llama(STUDENT, tok, 1), build_llama(TEACHER, tok, 0), load_rows(PREPARED, "train")
-    import copy
-
-    from opd.data import load_user_records, records_to_rows
-    from opd.models import evenly_spaced, load_model, prune_layers
-
-    tok = load_tokenizer(REAL["teacher"])
-    teacher = load_model(REAL["teacher"])
-    n = teacher.config.num_hidden_layers
-    student = prune_layers(copy.deepcopy(teacher), evenly_spaced(n, int(REAL["n_layers"])))
-    rows = [r for r in records_to_rows(load_user_records("jsonl", REAL["data"])) if r.split == "train"]
-    return tok, student, teacher, rows
+    if REAL:
+        return real_pair(REAL["teacher"], REAL["data"], int(REAL["n_layers"]))
+    tok = load_tokenizer(PREPARED / "tokenizer")
+    return tok, build_llama(STUDENT, tok, 1), build_llama(TEACHER, tok, 0), load_rows(PREPARED, "train")
 
 
 def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, float]:

@@ -21,7 +21,6 @@ Prints a table and writes ``benchmarks/results/vocab_memory.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import subprocess
@@ -35,9 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loss_memory import PeakRSS  # noqa: E402
+from benchmarks.opd_step import real_pair, train_rows  # noqa: E402
 from opd.config import DistillConfig, RolloutConfig, RuntimeConfig  # noqa: E402
-from opd.data import load_user_records, records_to_rows  # noqa: E402
-from opd.models import evenly_spaced, load_model, load_tokenizer, prune_layers  # noqa: E402
+from opd.models import load_tokenizer  # noqa: E402
 
 CASES = [("smollm2", 100_000, 0), ("smollm2", 64, 0), ("smollm2", 64, 64),
          ("qwen2-151k", 100_000, 0), ("qwen2-151k", 64, 0), ("qwen2-151k", 64, 64)]
@@ -58,13 +57,12 @@ def one(model: str, chunk: int, top_k: int, teacher_dir: str, data: str, batch: 
     from opd.rollout import TransformersBackend
     from opd.train import LoopSettings, make_accelerator, train
 
-    tok = load_tokenizer(teacher_dir)
     if model == "smollm2":
-        teacher = load_model(teacher_dir)
-        student = prune_layers(copy.deepcopy(teacher), evenly_spaced(teacher.config.num_hidden_layers, 8))
-    else:
+        tok, student, teacher, rows = real_pair(teacher_dir, data, 8)
+    else:  # only the tokenizer and the prompts of the real pair
+        tok, rows = load_tokenizer(teacher_dir), train_rows(data)
         teacher, student = qwen2(2, 0), qwen2(1, 1)
-    rows = [r for r in records_to_rows(load_user_records("jsonl", data)) if r.split == "train" and r.reference]
+    rows = [r for r in rows if r.reference]
     acc = make_accelerator(RuntimeConfig())
     teacher = teacher.eval().requires_grad_(False)
     pool = PromptPool(rows, tok)

@@ -12,17 +12,18 @@ from opd.config import Params
 from opd.cross_sft import cross_sft_stage
 from opd.paths import Layout
 from opd.stages import write_curve, write_json
-from tasks.tracking import log_curves, log_dataset, step_logger
+from tasks.tracking import StepLog, log_curves, log_dataset
 
 
 @task(name="cross-sft", version=__version__)
 def recalibrate_teacher(params: Params) -> dict[str, Any]:
     lay = Layout.here()
     log_dataset(lay.prepared, "train")
-    summary, history = cross_sft_stage(params, lay.prepared, lay.models_base, lay.cross_sft,
-                                       lay.checkpoints / "cross_sft", step_logger("cross_sft"))
-    write_curve(lay.plots / "cross_sft.csv", history)
-    write_json(lay.metrics / "cross_sft.json", summary)
+    with StepLog("cross_sft") as log:
+        summary, history = cross_sft_stage(params, lay.prepared, lay.models_base, lay.cross_sft,
+                                           lay.checkpoints / "cross_sft", log)
+        write_curve(lay.plots / "cross_sft.csv", history)
+        write_json(lay.metrics / "cross_sft.json", summary)
     if "skipped" in summary:
         mlflow.set_tag("opd.skipped", summary["skipped"])
         return summary

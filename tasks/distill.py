@@ -14,7 +14,7 @@ from opd.config import Params
 from opd.distill import inline
 from opd.paths import Layout
 from opd.stages import distill_stage, write_curve, write_json
-from tasks.tracking import log_curves, log_dataset, step_logger
+from tasks.tracking import StepLog, log_curves, log_dataset
 
 CURVES = ["loss", "reverse_kl", "teacher_logprob", "response_length", "kept_frac", "weight_mean",
           "teacher_entropy", "student_entropy", "reward_mean", "tokens_per_s"]
@@ -31,11 +31,12 @@ def step_task(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def distill_student(params: Params) -> dict[str, Any]:
     lay = Layout.here()
     log_dataset(lay.prepared, "train")
-    summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student,
-                                     lay.checkpoints / "distill", step_logger("distill"),
-                                     unit=step_task if params.distill.step_tasks else inline)
-    write_curve(lay.plots / "distill.csv", history)
-    write_json(lay.metrics / "distill.json", summary)
+    with StepLog("distill") as log:
+        summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student,
+                                         lay.checkpoints / "distill", log,
+                                         unit=step_task if params.distill.step_tasks else inline)
+        write_curve(lay.plots / "distill.csv", history)
+        write_json(lay.metrics / "distill.json", summary)
     log_curves(history, CURVES, f"distill ({params.distill.method})", "plots/distill.png")
     mlflow.log_metric("distill.seconds", summary["seconds"])
     mlflow.log_metrics({f"distill.{k}": v for k, v in summary["template"].items()})

@@ -11,19 +11,20 @@ from opd import __version__
 from opd.config import Params
 from opd.paths import Layout
 from opd.stages import teacher_stage, write_curve, write_json
-from tasks.tracking import log_curves, log_dataset, step_logger
+from tasks.tracking import StepLog, log_curves, log_dataset
 
 
 @task(name="train-teacher-and-student", version=__version__)
 def train_base_models(params: Params) -> dict[str, Any]:
     lay = Layout.here()
     log_dataset(lay.prepared, "train")
-    summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher",
-                                    step_logger("sft"))
+    with StepLog("sft") as log:
+        summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher", log)
+        for name, history in curves.items():
+            write_curve(lay.plots / f"{name}_sft.csv", history)
+        write_json(lay.metrics / "teacher.json", summary)
     for name, history in curves.items():
-        write_curve(lay.plots / f"{name}_sft.csv", history)
         log_curves(history, ["loss", "grad_norm", "tokens_per_s"], f"SFT of {name}", f"plots/{name}_sft.png")
-    write_json(lay.metrics / "teacher.json", summary)
     mlflow.log_metrics({f"{n}.{k}": float(v) for n, s in summary.items() for k, v in s.items()
                         if isinstance(v, (int, float)) and v is not None})
     return summary

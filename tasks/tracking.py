@@ -17,8 +17,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import subprocess
-from collections.abc import Callable, Iterator
+import threading
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,6 @@ def check_reachable(uri: str, tries: int = 3, timeout: float = 3.0) -> None:
     most), so a dead server stops a stage before any training work, not minutes into it."""
     if not uri.startswith(("http://", "https://")):
         return
-    import time
     import urllib.error
     import urllib.request
 
@@ -180,17 +183,25 @@ def close_stage_run(run_id: str, parent: str, tags: dict[str, str], status: str)
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, inputs: list[str], outputs: list[str]) -> Iterator[mlflow.ActiveRun]:
     """A nested MLflow run for one stage, with params, lineage tags and failure marking; the calls to
-    the tracking server that open and close it are Prefect tasks with retries."""
+    the tracking server that open and close it are Prefect tasks with retries. When the stage failed
+    because the server is gone, the stage's own error is what surfaces, not a failed bookkeeping call."""
     run_id, parent = open_stage_run(stage, params, inputs)
-    with mlflow.start_run(run_id=run_id) as run:
-        try:
-            yield run
-        except BaseException as err:
-            close_stage_run(run_id, parent, {"opd.error": f"{type(err).__name__}: {err}"[:4000]}, "FAILED")
-            raise
-        root = Layout.here().root
-        close_stage_run(run_id, parent, {f"opd.out.{o}.sha256": digest(root / o) for o in outputs
-                                         if (root / o).exists()}, "FINISHED")
+    run = mlflow.start_run(run_id=run_id)
+    try:
+        yield run
+    except BaseException as err:
+        if not isinstance(err, TrackingUnavailable):  # else the server is known to be gone: do not wait on it
+            try:
+                close_stage_run(run_id, parent, {"opd.error": f"{type(err).__name__}: {err}"[:4000]}, "FAILED")
+            except Exception as close_err:
+                warnings.warn(f"could not mark the {stage} run {run_id} FAILED: {close_err}", stacklevel=2)
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise
+    root = Layout.here().root
+    close_stage_run(run_id, parent, {f"opd.out.{o}.sha256": digest(root / o) for o in outputs
+                                     if (root / o).exists()}, "FINISHED")
+    mlflow.end_run()
 
 
 def log_dataset(prepared: Path, split: str) -> None:
@@ -200,15 +211,6 @@ def log_dataset(prepared: Path, split: str) -> None:
     path = prepared / f"{split}.jsonl"
     ds = mlflow.data.from_pandas(pd.read_json(path, lines=True), source=str(path), name=f"prompts-{split}")
     mlflow.log_input(ds, context="training" if split == "train" else "evaluation")
-
-
-def step_metrics(prefix: str) -> Callable[[int, dict[str, float]], None]:
-    """A training-loop callback that logs each step's metrics to the active run."""
-
-    def log(step: int, metrics: dict[str, Any]) -> None:
-        mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in metrics.items() if k != "step"}, step=step)
-
-    return log
 
 
 def log_curves(history: list[dict[str, Any]], keys: list[str], title: str, artifact: str) -> None:
@@ -233,16 +235,96 @@ def log_curves(history: list[dict[str, Any]], keys: list[str], title: str, artif
     plt.close(fig)
 
 
-def step_logger(stage: str) -> Callable[[int, dict[str, float]], None]:
-    """Training-loop callback: a compact console line (Prefect's run logger) and MLflow metrics."""
-    from prefect.logging import get_run_logger
+class MetricStream:
+    """Step metrics sent to the tracking server by a background thread.
 
-    logger = get_run_logger()
-    to_mlflow = step_metrics(stage)
+    Why: a training step must never wait on the network. ``__call__`` only queues; the thread sends
+    batches and, while the server fails, keeps them (at most ``max_pending``, oldest dropped first),
+    backs off and tries again. ``close`` waits a bounded time and raises :class:`TrackingUnavailable`
+    if metrics could not be sent, so the caller fails the stage only after its outputs are written.
+    """
 
-    def log(step: int, metrics: dict[str, Any]) -> None:
-        logger.info(f"{stage} step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                          if k not in ("step", "lr")))
-        to_mlflow(step, metrics)
+    def __init__(self, prefix: str, max_pending: int = 100_000, max_backoff: float = 30.0) -> None:
+        from mlflow.entities import Metric
 
-    return log
+        self._metric, self._prefix = Metric, prefix
+        self._run_id = mlflow.active_run().info.run_id
+        self._uri = mlflow.get_tracking_uri()
+        self._client = MlflowClient(self._uri)
+        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._max_pending, self._max_backoff = max_pending, max_backoff
+        self.error: Exception | None = None
+        self.unsent = self.dropped = 0
+        self._thread = threading.Thread(target=self._send_loop, name=f"metrics-{prefix}", daemon=True)
+        self._thread.start()
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
+        ts = int(time.time() * 1000)
+        self._queue.put([self._metric(f"{self._prefix}.{k}", float(v), ts, step)
+                         for k, v in metrics.items() if k != "step"])
+
+    def _send_loop(self) -> None:
+        pending: list[Any] = []
+        backoff = 1.0
+        while True:
+            stopping = self._stop.is_set()
+            with contextlib.suppress(queue.Empty):
+                pending += self._queue.get(timeout=0.2)
+                while True:
+                    pending += self._queue.get_nowait()
+            if len(pending) > self._max_pending:
+                self.dropped += len(pending) - self._max_pending
+                pending = pending[-self._max_pending:]
+            try:
+                while pending:  # MLflow takes at most 1,000 metrics per batch
+                    self._client.log_batch(self._run_id, metrics=pending[:1000])
+                    pending = pending[1000:]
+                self.error, backoff = None, 1.0
+            except Exception as err:  # the server is down or refusing: keep the metrics, retry later
+                self.error = err
+                if not stopping:
+                    self._stop.wait(backoff)
+                    backoff = min(2 * backoff, self._max_backoff)
+            if stopping and (self._queue.empty() or self.error is not None):
+                self.unsent = len(pending)
+                return
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Send what is left (one last try); raise :class:`TrackingUnavailable` naming the server if
+        any metric was not sent."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive() or self.error is not None or self.dropped:
+            lost = "an unknown number of" if self._thread.is_alive() else str(self.unsent + self.dropped)
+            raise TrackingUnavailable(
+                f"{lost} {self._prefix} step metrics could not be logged to the MLflow tracking server "
+                f"{self._uri} (tracking.uri, or MLFLOW_TRACKING_URI): {self.error}; training was not "
+                "interrupted and the stage's outputs are written")
+
+
+class StepLog:
+    """Training-loop callback: a compact console line (Prefect's run logger) and MLflow metrics
+    through a :class:`MetricStream`. Used as a context around training and the writing of the stage's
+    outputs: leaving it sends what is left, and raises :class:`TrackingUnavailable` only when the
+    block itself succeeded (a training error is never masked by a tracking one)."""
+
+    def __init__(self, stage: str) -> None:
+        from prefect.logging import get_run_logger
+
+        self._stage, self._logger, self._stream = stage, get_run_logger(), MetricStream(stage)
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
+        self._logger.info(f"{self._stage} step {step}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("step", "lr")))
+        self._stream(step, metrics)
+
+    def __enter__(self) -> StepLog:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        if exc_type is None:
+            self._stream.close()
+        else:
+            with contextlib.suppress(TrackingUnavailable):
+                self._stream.close()

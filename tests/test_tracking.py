@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -119,20 +121,37 @@ def test_promote_moves_champion_only_when_the_gate_passes(prefect_api, project):
 
 
 # ----------------------------------------------------------------------------- a pipeline over HTTP
-@pytest.fixture
-def mlflow_server(tmp_path):
+def start_mlflow_server(folder: Path) -> tuple[str, subprocess.Popen]:
+    """A real ``mlflow server`` on a free loopback port, its store under ``folder``."""
     port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
+         str(folder / "server-artifacts")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # its own process group: the server's workers die with it
     try:
         wait_http(f"http://127.0.0.1:{port}/health", 120)
-        yield f"http://127.0.0.1:{port}"
+    except TimeoutError:
+        stop_server(proc)
+        raise
+    return f"http://127.0.0.1:{port}", proc
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server started by :func:`start_mlflow_server` with every worker process it forked."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    url, proc = start_mlflow_server(tmp_path)
+    try:
+        yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
 
 
 def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api, project, mlflow_server):
@@ -281,3 +300,40 @@ def test_a_dead_tracking_server_fails_fast_naming_the_setting():
         check_reachable(f"http://127.0.0.1:{port}")
     assert time.perf_counter() - t0 < 20
     check_reachable("sqlite:///x.db")  # local stores need no server
+
+
+def test_training_goes_on_when_the_tracking_server_dies_mid_distill(prefect_api, project, monkeypatch):
+    """The server is killed at distill step 2 of 6: the steps go on, the student and the stage's
+    metrics are written, and then the stage fails naming tracking.uri (step metrics are sent by a
+    background thread, never inside the training step)."""
+    import tasks.distill
+    from flows.distill import distill_flow
+    from flows.prepare import prepare_flow
+    from flows.teacher import teacher_flow
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a dead server fails each call in seconds
+    url, server = start_mlflow_server(project)
+    try:
+        over = {"tracking.uri": url, "distill.steps": 6}
+        prepare_flow(overrides=over)
+        teacher_flow(overrides=over)
+        real, seen = tasks.distill.distill_stage, []
+
+        def stage_with_a_dying_server(*args, log, **kwargs):
+            def step(n: int, metrics: dict) -> None:
+                seen.append(n)
+                if n == 2:
+                    stop_server(server, signal.SIGKILL)
+                log(n, metrics)
+
+            return real(*args, log=step, **kwargs)
+
+        monkeypatch.setattr(tasks.distill, "distill_stage",
+                            lambda p, *a, **kw: stage_with_a_dying_server(p, *a[:5], log=a[5], **kw))
+        with pytest.raises(Exception, match=rf"{url} \(tracking.uri"):
+            distill_flow(overrides=over)
+    finally:
+        stop_server(server, signal.SIGKILL)
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert (project / "models/student/model.safetensors").is_file()
+    assert json.loads((project / "metrics/distill.json").read_text())["steps"] == 6

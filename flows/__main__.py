@@ -5,7 +5,9 @@ DVC stages call this, so ``dvc repro`` and a Prefect run go through the same flo
 ``runtime.num_processes > 1`` runs the distill stage as that many processes (``flows/launch.py``).
 ``python -m flows import-model SRC DEST`` converts a local GGUF file (or a package that ships one) into
 a safetensors model folder (``opd/importer.py``); ``python -m flows real-data OUT`` writes the
-real-model recipe's data folder (``opd/real_data.py``).
+real-model recipe's data folder (``opd/real_data.py``). Flows talk to a local Prefect API server
+that dies with the command (``tasks/prefect_api.py``); ``python -m flows with-api -- dvc repro``
+shares one such server between every stage of the command.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ STAGES = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "real-data", "user-inputs"])
+    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "real-data", "user-inputs", "with-api"])
     ap.add_argument("paths", nargs="*", metavar="SRC DEST",
                     help="import-model: a .gguf file or an installed package that ships one, and the folder to write; "
                          "real-data: the folder to write")
@@ -69,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
+    if args.stage == "with-api":  # one Prefect API for every stage of a command (make run: dvc repro)
+        if not args.paths:
+            ap.error("with-api takes a command: python -m flows with-api -- dvc repro")
+        import subprocess
+
+        from tasks.prefect_api import serving
+
+        with serving():
+            return subprocess.call(args.paths)
     if args.paths:
         ap.error(f"unexpected arguments {args.paths}")
     try:
@@ -82,21 +93,24 @@ def main(argv: list[str] | None = None) -> int:
         if in_launch() and rank() != 0:
             worker(params)
             return 0
-        if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
-            return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
         if args.stage == "user-inputs":  # DVC plumbing (the user_inputs stage), not a pipeline step
             from opd.paths import Layout
             from opd.stages import user_inputs, write_json
 
             write_json(Layout.here().root / "data" / "user_inputs.json", user_inputs(params))
             return 0
-        if args.stage == "serve":  # a long-running deployment, not a flow run
-            from flows.serve import serve
+        from tasks.prefect_api import serving
 
-            serve(args.params)
-            return 0
-        module, _, name = STAGES[args.stage].partition(":")
-        getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
+        with serving():  # a Prefect API for this command (and its launched ranks) that dies with it
+            if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
+                return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
+            if args.stage == "serve":  # a long-running deployment, not a flow run
+                from flows.serve import serve
+
+                serve(args.params)
+                return 0
+            module, _, name = STAGES[args.stage].partition(":")
+            getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

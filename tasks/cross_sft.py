@@ -12,7 +12,8 @@ from opd.config import Params
 from opd.cross_sft import cross_sft_stage
 from opd.paths import Layout
 from opd.stages import write_curve, write_json
-from tasks.tracking import StepLog, log_curves, log_dataset
+from tasks.step_log import StepLog
+from tasks.tracking import log_curves, log_dataset
 
 
 @task(name="cross-sft", version=__version__)

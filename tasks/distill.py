@@ -14,7 +14,8 @@ from opd.config import Params
 from opd.distill import inline
 from opd.paths import Layout
 from opd.stages import distill_stage, write_curve, write_json
-from tasks.tracking import StepLog, log_curves, log_dataset
+from tasks.step_log import StepLog
+from tasks.tracking import log_curves, log_dataset
 
 CURVES = ["loss", "reverse_kl", "teacher_logprob", "response_length", "kept_frac", "weight_mean",
           "teacher_entropy", "student_entropy", "reward_mean", "tokens_per_s"]

@@ -11,7 +11,8 @@ from opd import __version__
 from opd.config import Params
 from opd.paths import Layout
 from opd.stages import teacher_stage, write_curve, write_json
-from tasks.tracking import StepLog, log_curves, log_dataset
+from tasks.step_log import StepLog
+from tasks.tracking import log_curves, log_dataset
 
 
 @task(name="train-teacher-and-student", version=__version__)

@@ -9,7 +9,9 @@ does, else a hash of the git commit, the uncommitted diff and params.yaml): the 
 Lineage tags on each stage run: git commit and dirty flag, the DVC hashes (from dvc.lock) of the
 stage's inputs that an upstream stage produced, a sha256 of each output it wrote, the Prefect flow
 run id, the task version, and (through ``mlflow.parentRunId``) the pipeline run. A failing stage
-is marked FAILED with the error as the ``opd.error`` tag, and so is its pipeline run.
+is marked FAILED with the error as the ``opd.error`` tag, and so is its pipeline run. A run left
+RUNNING by a killed process (its host and pid are tags) is closed as KILLED by the next run of its
+stage, which links it (``opd.continues_run``) when the settings match.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import queue
+import socket
 import subprocess
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -155,16 +156,59 @@ def _prefect_flow_run_id() -> str:
         return ""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(yaml.safe_dump(params.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def close_killed_runs(client: MlflowClient, exp_id: str, stage: str, settings: str, by: str) -> str | None:
+    """Runs of ``stage`` left RUNNING by a process of this machine that no longer exists (kill -9, the
+    OOM killer, a lost node) are closed as KILLED, with ``opd.killed`` saying so and naming ``by``,
+    the run that found them. Returns the newest one with the same settings: the run a resumed stage
+    continues (a run of another machine, or of a live process, is left alone)."""
+    host = socket.gethostname()
+    runs = client.search_runs([exp_id], order_by=["attributes.start_time DESC"], max_results=100,
+                              filter_string=f"tags.`opd.stage` = '{stage}' and attributes.status = 'RUNNING' "
+                                            f"and tags.`opd.host` = '{host}'")
+    continued = None
+    for run in runs:
+        pid = int(run.data.tags.get("opd.pid", "0") or 0)
+        if run.info.run_id == by or not pid or _alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "opd.killed", f"process {pid} on {host} ended without closing this run; "
+                                                      f"closed by run {by}")
+        client.set_terminated(run.info.run_id, "KILLED")
+        if continued is None and run.data.tags.get("opd.params_sha") == settings:
+            continued = run.info.run_id
+    return continued
+
+
 @task(name="open-stage-run", version=__version__, retries=3, retry_delay_seconds=[2, 5, 10])
 def open_stage_run(stage: str, params: Params, inputs: list[str]) -> tuple[str, str]:
     """Create the stage's nested run with params and lineage tags; returns (run id, parent run id).
-    Retried: every call here goes to the tracking server."""
+    A run of this stage that a killed process left RUNNING is closed, and linked from the new one
+    (``opd.continues_run``) when the settings are the same. Retried: every call here goes to the
+    tracking server."""
     exp_id = configure(params)
     parent = parent_run(params, exp_id)
     client = MlflowClient()
+    settings = params_hash(params)
     tags = {"opd.stage": stage, "opd.version": __version__, "prefect.flow_run_id": _prefect_flow_run_id(),
-            "opd.parent_run_id": parent, "mlflow.parentRunId": parent, **git_tags(), **dvc_input_hashes(inputs)}
+            "opd.parent_run_id": parent, "mlflow.parentRunId": parent, "opd.host": socket.gethostname(),
+            "opd.pid": str(os.getpid()), "opd.params_sha": settings, **git_tags(), **dvc_input_hashes(inputs)}
     run = client.create_run(exp_id, run_name=stage, tags=tags)
+    killed = close_killed_runs(client, exp_id, stage, settings, run.info.run_id)
+    if killed:
+        client.set_tag(run.info.run_id, "opd.continues_run", killed)
     _log_params(client, run.info.run_id, params)
     return run.info.run_id, parent
 
@@ -233,98 +277,3 @@ def log_curves(history: list[dict[str, Any]], keys: list[str], title: str, artif
     fig.tight_layout()
     mlflow.log_figure(fig, artifact)
     plt.close(fig)
-
-
-class MetricStream:
-    """Step metrics sent to the tracking server by a background thread.
-
-    Why: a training step must never wait on the network. ``__call__`` only queues; the thread sends
-    batches and, while the server fails, keeps them (at most ``max_pending``, oldest dropped first),
-    backs off and tries again. ``close`` waits a bounded time and raises :class:`TrackingUnavailable`
-    if metrics could not be sent, so the caller fails the stage only after its outputs are written.
-    """
-
-    def __init__(self, prefix: str, max_pending: int = 100_000, max_backoff: float = 30.0) -> None:
-        from mlflow.entities import Metric
-
-        self._metric, self._prefix = Metric, prefix
-        self._run_id = mlflow.active_run().info.run_id
-        self._uri = mlflow.get_tracking_uri()
-        self._client = MlflowClient(self._uri)
-        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self._max_pending, self._max_backoff = max_pending, max_backoff
-        self.error: Exception | None = None
-        self.unsent = self.dropped = 0
-        self._thread = threading.Thread(target=self._send_loop, name=f"metrics-{prefix}", daemon=True)
-        self._thread.start()
-
-    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
-        ts = int(time.time() * 1000)
-        self._queue.put([self._metric(f"{self._prefix}.{k}", float(v), ts, step)
-                         for k, v in metrics.items() if k != "step"])
-
-    def _send_loop(self) -> None:
-        pending: list[Any] = []
-        backoff = 1.0
-        while True:
-            stopping = self._stop.is_set()
-            with contextlib.suppress(queue.Empty):
-                pending += self._queue.get(timeout=0.2)
-                while True:
-                    pending += self._queue.get_nowait()
-            if len(pending) > self._max_pending:
-                self.dropped += len(pending) - self._max_pending
-                pending = pending[-self._max_pending:]
-            try:
-                while pending:  # MLflow takes at most 1,000 metrics per batch
-                    self._client.log_batch(self._run_id, metrics=pending[:1000])
-                    pending = pending[1000:]
-                self.error, backoff = None, 1.0
-            except Exception as err:  # the server is down or refusing: keep the metrics, retry later
-                self.error = err
-                if not stopping:
-                    self._stop.wait(backoff)
-                    backoff = min(2 * backoff, self._max_backoff)
-            if stopping and (self._queue.empty() or self.error is not None):
-                self.unsent = len(pending)
-                return
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Send what is left (one last try); raise :class:`TrackingUnavailable` naming the server if
-        any metric was not sent."""
-        self._stop.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive() or self.error is not None or self.dropped:
-            lost = "an unknown number of" if self._thread.is_alive() else str(self.unsent + self.dropped)
-            raise TrackingUnavailable(
-                f"{lost} {self._prefix} step metrics could not be logged to the MLflow tracking server "
-                f"{self._uri} (tracking.uri, or MLFLOW_TRACKING_URI): {self.error}; training was not "
-                "interrupted and the stage's outputs are written")
-
-
-class StepLog:
-    """Training-loop callback: a compact console line (Prefect's run logger) and MLflow metrics
-    through a :class:`MetricStream`. Used as a context around training and the writing of the stage's
-    outputs: leaving it sends what is left, and raises :class:`TrackingUnavailable` only when the
-    block itself succeeded (a training error is never masked by a tracking one)."""
-
-    def __init__(self, stage: str) -> None:
-        from prefect.logging import get_run_logger
-
-        self._stage, self._logger, self._stream = stage, get_run_logger(), MetricStream(stage)
-
-    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
-        self._logger.info(f"{self._stage} step {step}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("step", "lr")))
-        self._stream(step, metrics)
-
-    def __enter__(self) -> StepLog:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
-        if exc_type is None:
-            self._stream.close()
-        else:
-            with contextlib.suppress(TrackingUnavailable):
-                self._stream.close()

@@ -337,3 +337,45 @@ def test_training_goes_on_when_the_tracking_server_dies_mid_distill(prefect_api,
     assert seen == [1, 2, 3, 4, 5, 6]
     assert (project / "models/student/model.safetensors").is_file()
     assert json.loads((project / "metrics/distill.json").read_text())["steps"] == 6
+
+
+def test_a_killed_stage_leaves_no_process_and_its_run_is_closed_then_continued(prefect_api, project):
+    """kill -9 of ``python -m flows distill`` after its first checkpoint: no process it started
+    survives (its Prefect API server dies with it); the rerun resumes, closes the killed MLflow run as
+    KILLED with a tag, links it (``opd.continues_run``) and carries its curve, so the resumed run's
+    loss covers every step."""
+    import psutil
+
+    from flows.prepare import prepare_flow
+    from flows.teacher import teacher_flow
+
+    steps = 120
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny(**{"distill.steps": steps, "distill.checkpoint_every": 5})))
+    prepare_flow()
+    teacher_flow()
+    env = {**os.environ, "OPD_ROOT": str(project), "PREFECT_HOME": str(REPO / ".prefect")}
+    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "flows", "distill"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts, deadline = project / "models/checkpoints/distill", time.time() + 300
+    while not any(ckpts.glob("*/trainer_state.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "distill ended before it could be killed"
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children  # the Prefect API server at least
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]
+
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("opd").experiment_id], "tags.`opd.stage` = 'distill'")
+    by_status = {run.info.status: run for run in runs}
+    assert sorted(by_status) == ["FINISHED", "KILLED"] and len(runs) == 2
+    killed, resumed = by_status["KILLED"], by_status["FINISHED"]
+    assert f"process {proc.pid} " in killed.data.tags["opd.killed"]
+    assert resumed.data.tags["opd.continues_run"] == killed.info.run_id
+    assert sorted({m.step for m in client.get_metric_history(resumed.info.run_id, "distill.loss")}) == list(range(1, steps + 1))

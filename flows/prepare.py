@@ -9,7 +9,7 @@ from prefect import flow
 from opd import __version__
 from opd.config import load
 from opd.paths import Layout
-from tasks.prepare import load_records, log_prepared, validate, write_prepared
+from tasks.prepare import log_prepared, validate, write_prepared
 from tasks.tracking import stage_run
 
 
@@ -18,9 +18,8 @@ def prepare_flow(params_path: str | None = None, overrides: dict[str, Any] | Non
     params = load(params_path, overrides)
     out = Layout.here().prepared
     with stage_run("prepare", params, inputs=[], outputs=["data/prepared"]):
-        records = load_records(params)
-        validation = validate(records, params)
-        stats = write_prepared(records, validation, params, out)
+        validation = validate(params)  # the tasks stream the rows themselves: no table passes between them
+        stats = write_prepared(validation, params, out)
         log_prepared(out, stats)
     print(f"prepare: {validation['summary']}; {stats}")
     return stats

@@ -74,45 +74,52 @@ def records_to_rows(records: Iterable[dict[str, Any]]) -> list[Row]:
     return [Row(**{f.name: rec.get(f.name) for f in fields(Row)}) for rec in records]
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file of records; invalid UTF-8 or JSON fails naming the file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file, one line at a time (the file is never held whole in memory);
+    invalid UTF-8 or JSON fails naming the file and line. A UTF-8 byte-order mark (Windows exports)
+    is skipped; CRLF line ends are JSON whitespace."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows exports); CRLF is JSON whitespace
-    records: list[dict[str, Any]] = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{where}: not valid UTF-8 (byte {err.start}: {line[err.start:err.start + 4]!r})") from None
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-        records.append(check_record(rec, where))
-    return records
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if lineno == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 (byte {err.start}: {line[err.start:err.start + 4]!r})") from None
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            yield check_record(rec, where)
 
 
-def load_user_records(source: str, path: str) -> list[dict[str, Any]]:
-    """The user's own data: a JSONL file (with a split column), a folder of train/eval JSONL, or a
-    folder saved by ``datasets`` (a Dataset with a split column, or a DatasetDict train/eval)."""
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path))
+
+
+def iter_user_records(source: str, path: str) -> Iterator[dict[str, Any]]:
+    """The user's own data, streamed: a JSONL file (with a split column), a folder of train/eval
+    JSONL, or a folder saved by ``datasets`` (a Dataset with a split column, or a DatasetDict
+    train/eval; Arrow, memory-mapped)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data.path {p}: does not exist")
     if source == "jsonl":
         if p.is_file():
-            return read_jsonl(p)
-        records: list[dict[str, Any]] = []
+            yield from iter_jsonl(p)
+            return
         for split in SPLITS:
-            f = p / f"{split}.jsonl"
-            if not f.is_file():
-                raise DataError(f"data.path {p}: expected {f.name} in the folder")
-            records += [{"split": split, **rec} for rec in read_jsonl(f)]
-        return records
+            if not (p / f"{split}.jsonl").is_file():
+                raise DataError(f"data.path {p}: expected {split}.jsonl in the folder")
+        for split in SPLITS:
+            yield from ({"split": split, **rec} for rec in iter_jsonl(p / f"{split}.jsonl"))
+        return
     import datasets  # local import: only this path needs it
 
     try:
@@ -120,14 +127,28 @@ def load_user_records(source: str, path: str) -> list[dict[str, Any]]:
     except Exception as err:  # datasets raises several types for a bad folder
         raise DataError(f"data.path {p}: not a datasets folder ({err})") from None
     parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
-    records = []
     for split, part in parts:
         for i, rec in enumerate(part):
             rec = {k: v for k, v in rec.items() if v is not None}
             if split is not None:
                 rec.setdefault("split", split)
-            records.append(check_record(rec, f"{p}[{split or 'all'}][{i}]"))
-    return records
+            yield check_record(rec, f"{p}[{split or 'all'}][{i}]")
+
+
+def load_user_records(source: str, path: str) -> list[dict[str, Any]]:
+    return list(iter_user_records(source, path))
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most ``size`` items."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 @contextlib.contextmanager

@@ -2,35 +2,43 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from prefect import task
+from transformers import PreTrainedTokenizerBase
 
 from opd import __version__
 from opd.config import Params
 from opd.models import control_tokens, load_tokenizer, tokenizer_source
-from opd.data import atomic_dir, atomic_write_text, load_user_records, records_to_rows, rows_to_records, write_jsonl
+from opd.data import atomic_dir, atomic_write_text, chunked, iter_user_records, records_to_rows, rows_to_records
 from opd.world import build_world, train_tokenizer
 from opd.world.constitutions import DEFAULT_CONSTITUTIONS
 from tasks.tracking import log_dataset
 from tasks.validate import ValidationFailed, validate_records
 
 
-@task(name="load-records", version=__version__)
-def load_records(params: Params) -> list[dict[str, Any]]:
+CHUNK_ROWS = 1024  # rows tokenized and written per batch
+
+
+def records_of(params: Params) -> Iterator[dict[str, Any]]:
+    """The rows as raw records, streamed anew on every call: the embedded world, or the user's data
+    (``data.source`` / ``data.path``), never held whole in memory."""
     if params.data.source == "embedded":
-        return rows_to_records(build_world(params.world, params.seed))
-    return load_user_records(params.data.source, params.data.path or "")
+        return iter(rows_to_records(build_world(params.world, params.seed)))
+    return iter_user_records(params.data.source, params.data.path or "")
 
 
 @task(name="validate-records", version=__version__)
-def validate(records: list[dict[str, Any]], params: Params) -> dict[str, Any]:
-    """Run the GX suite; the full result goes to the stage's MLflow run whether it passes or not."""
-    report = validate_records(records, params.data, control_tokens=control_tokens(params),
+def validate(params: Params) -> dict[str, Any]:
+    """Run the GX suite, streaming the records; the full result goes to the stage's MLflow run whether
+    it passes or not."""
+    report = validate_records(lambda: records_of(params), params.data, control_tokens=control_tokens(params),
                               teacher_names=["default", *params.teachers] if params.distill.routing == "by_row" else None)
     if mlflow.active_run():
         mlflow.log_dict(report.result, "validation/prompts.json")
@@ -40,31 +48,44 @@ def validate(records: list[dict[str, Any]], params: Params) -> dict[str, Any]:
     return {"summary": report.summary, "result": report.result}
 
 
-@task(name="write-prepared", version=__version__)
-def write_prepared(records: list[dict[str, Any]], validation: dict[str, Any], params: Params, out: Path) -> dict[str, Any]:
-    """Copy the tokenizer of ``data.tokenizer_path`` or of the given model folders (student, else teacher),
-    or train one for the embedded world; then write every output in one atomic folder swap."""
-    rows = records_to_rows(records)
-    train = [r for r in rows if r.split == "train"]
+def _tokenizer(params: Params) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``data.tokenizer_path`` or of the given model folders (student, else teacher),
+    or one trained on the train split for the embedded world."""
     source = tokenizer_source(params)
     if source:  # the models' own tokenizer (and chat template): a trained one would not match their vocabulary
-        tok = load_tokenizer(source, params.runtime.trust_remote_code)
-    else:
-        # the constitutions are weighted like the rows they wrap, so BPE merges their words too
-        weight = sum(r.task != "reasoning" for r in train) // len(DEFAULT_CONSTITUTIONS) + 1
-        corpus = [t for r in train for t in (r.prompt, r.reference or "")] + list(DEFAULT_CONSTITUTIONS.values()) * weight
-        tok = train_tokenizer(corpus, params.world.vocab_size)
-    lengths = [len(tok(r.prompt + (r.reference or ""), add_special_tokens=False)["input_ids"]) + 4 for r in rows]
-    stats = {
-        "rows": len(rows),
-        "by_split_task": {f"{s}/{t}": n for (s, t), n in sorted(Counter((r.split, r.task) for r in rows).items())},
-        "vocab_size": len(tok),
-        "tokens_per_row_max": max(lengths),
-        "tokens_per_row_mean": round(sum(lengths) / len(lengths), 2),
-    }
+        return load_tokenizer(source, params.runtime.trust_remote_code)
+    train = lambda: (rec for rec in records_of(params) if rec["split"] == "train")  # noqa: E731
+    # the constitutions are weighted like the rows they wrap, so BPE merges their words too
+    weight = sum(rec["task"] != "reasoning" for rec in train()) // len(DEFAULT_CONSTITUTIONS) + 1
+    corpus = itertools.chain((t for rec in train() for t in (rec["prompt"], rec.get("reference") or "")),
+                             list(DEFAULT_CONSTITUTIONS.values()) * weight)
+    return train_tokenizer(corpus, params.world.vocab_size)
+
+
+@task(name="write-prepared", version=__version__)
+def write_prepared(validation: dict[str, Any], params: Params, out: Path) -> dict[str, Any]:
+    """Write the splits, the tokenizer and the stats in one atomic folder swap, streaming the rows
+    (``CHUNK_ROWS`` at a time: tokenized in one batch for the length statistics)."""
+    tok = _tokenizer(params)
+    counts: Counter[tuple[str, str]] = Counter()
+    n, longest, total = 0, 0, 0
     with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "eval.jsonl", [r for r in rows if r.split == "eval"])
+        with open(tmp / "train.jsonl", "w", encoding="utf-8") as train, open(tmp / "eval.jsonl", "w", encoding="utf-8") as held:
+            for chunk in chunked(records_of(params), CHUNK_ROWS):
+                rows = records_to_rows(chunk)
+                for r in rows:
+                    (train if r.split == "train" else held).write(r.to_json() + "\n")
+                lengths = [len(ids) + 4 for ids in tok([r.prompt + (r.reference or "") for r in rows],
+                                                       add_special_tokens=False)["input_ids"]]
+                counts.update((r.split, r.task) for r in rows)
+                n, longest, total = n + len(rows), max(longest, *lengths), total + sum(lengths)
+        stats = {
+            "rows": n,
+            "by_split_task": {f"{s}/{t}": k for (s, t), k in sorted(counts.items())},
+            "vocab_size": len(tok),
+            "tokens_per_row_max": longest,
+            "tokens_per_row_mean": round(total / n, 2),
+        }
         tok.save_pretrained(tmp / "tokenizer")
         atomic_write_text(tmp / "constitutions.json", json.dumps(DEFAULT_CONSTITUTIONS, indent=2) + "\n")
         atomic_write_text(tmp / "validation.json", json.dumps(validation["result"], indent=2, default=str) + "\n")

@@ -34,7 +34,7 @@ from prefect import task
 
 from opd import __version__
 from opd.config import Params, to_flat_dict
-from opd.data import digest
+from opd.data import COLUMNS, REQUIRED, digest
 from opd.paths import Layout
 from tasks import env
 
@@ -249,11 +249,15 @@ def stage_run(stage: str, params: Params, inputs: list[str], outputs: list[str])
 
 
 def log_dataset(prepared: Path, split: str) -> None:
-    """Attach a prepared split to the active run (MLflow computes its digest)."""
-    import pandas as pd
+    """Attach a prepared split to the active run: its source, the row schema and a sha256 digest of
+    the file (read in blocks: a large split is never loaded to be logged)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
 
     path = prepared / f"{split}.jsonl"
-    ds = mlflow.data.from_pandas(pd.read_json(path, lines=True), source=str(path), name=f"prompts-{split}")
+    schema = Schema([ColSpec("string", c, required=c in REQUIRED) for c in COLUMNS])
+    ds = MetaDataset(resolve_dataset_source(str(path)), name=f"prompts-{split}", digest=digest(path)[:16], schema=schema)
     mlflow.log_input(ds, context="training" if split == "train" else "evaluation")
 
 

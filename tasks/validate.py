@@ -1,20 +1,24 @@
 """Great Expectations suite for prompt datasets, run between stages.
 
 Ephemeral context (no files, no network). Dataset-level rules live here so they are reported all
-at once, each with how many rows failed and a few example ids.
+at once, each with how many rows failed and a few example ids. A table is validated in chunks after
+one streaming pass that gathers what the cross-row rules need (:class:`TableFacts`), so a large
+file is never held whole in memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from opd.answers import extractor
 from opd.config import CATEGORY_PATTERN, TASKS, DataConfig
-from opd.data import REQUIRED, SPLITS
-
+from opd.data import COLUMNS, REQUIRED, SPLITS, chunked
 
 
 class ValidationFailed(ValueError):
@@ -44,15 +48,48 @@ def _reference_ok(df: pd.DataFrame, answer_format: str = "auto") -> pd.Series:
     return (~needs | has) & (~is_reasoning | answer)
 
 
-def _not_in_other_split(df: pd.DataFrame) -> pd.Series:
-    """False for a row whose prompt (whitespace-collapsed, case-folded) also stands in the other split:
-    the eval split must never be seen in training."""
-    if "prompt" not in df or "split" not in df:
-        return pd.Series(True, index=df.index)
-    norm = df["prompt"].astype(str).str.split().str.join(" ").str.casefold()
-    train, held = set(norm[df["split"].eq("train")]), set(norm[df["split"].eq("eval")])
-    shared = train & held
-    return ~norm.isin(shared)
+def _normalised(prompt: Any) -> int:
+    """A prompt with whitespace collapsed and case folded, as a 64-bit hash (a set of them stays small)."""
+    return hash(" ".join(str(prompt).split()).casefold())
+
+
+@dataclass
+class TableFacts:
+    """What the cross-row rules need to know about the whole table, gathered in one streaming pass:
+    the columns, the row count, the ids seen more than once and the prompts that stand in both
+    splits (as hashes). The suite then runs chunk by chunk, so memory does not grow with the file."""
+
+    columns: list[str]
+    rows: int = 0
+    duplicate_ids: set[int] = field(default_factory=set)
+    shared_prompts: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, records: Iterable[dict[str, Any]]) -> TableFacts:
+        seen: set[str] = set()
+        ids: set[int] = set()
+        dup: set[int] = set()
+        by_split: dict[str, set[int]] = {split: set() for split in SPLITS}
+        n = 0
+        for rec in records:
+            n += 1
+            seen.update(rec)
+            if "id" in rec:
+                key = hash(rec["id"])
+                (dup if key in ids else ids).add(key)
+            if rec.get("split") in by_split and rec.get("prompt") is not None:
+                by_split[rec["split"]].add(_normalised(rec["prompt"]))
+        columns = [c for c in COLUMNS if c in seen] if n else list(REQUIRED)
+        return cls(columns, n, dup, set.intersection(*by_split.values()))
+
+    def derived(self, df: pd.DataFrame) -> None:
+        """The columns the cross-row rules check: ``id_unique`` and ``prompt_not_in_other_split`` (the
+        eval split must never be seen in training)."""
+        df["id_unique"] = ~df["id"].map(hash).isin(self.duplicate_ids) if "id" in df else True
+        if "prompt" in df and "split" in df:
+            df["prompt_not_in_other_split"] = ~df["prompt"].map(_normalised).isin(self.shared_prompts)
+        else:
+            df["prompt_not_in_other_split"] = True
 
 
 def build_suite(columns: list[str], cfg: DataConfig, control_tokens: list[str] = (),
@@ -67,8 +104,7 @@ def build_suite(columns: list[str], cfg: DataConfig, control_tokens: list[str] =
 
     exps: list[Any] = [gxe.ExpectColumnToExist(column=c) for c in REQUIRED]
     exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REQUIRED if c in columns]
-    if "id" in columns:
-        exps.append(gxe.ExpectColumnValuesToBeUnique(column="id"))
+    exps.append(gxe.ExpectColumnValuesToBeInSet(column="id_unique", value_set=[True]))  # across chunks
     sets = {"task": TASKS, "split": SPLITS}
     exps += [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=list(v)) for c, v in sets.items() if c in columns]
     if "category" in columns:  # any lowercase label: the constitution of that name, else the default one
@@ -93,41 +129,92 @@ def build_suite(columns: list[str], cfg: DataConfig, control_tokens: list[str] =
     return exps
 
 
-def validate_records(records: list[dict[str, Any]], cfg: DataConfig, name: str = "prompts",
-                     control_tokens: list[str] = (), teacher_names: list[str] | None = None) -> ValidationReport:
-    """Run the suite on raw records; never raises for bad data, returns the report."""
+CHUNK_ROWS = 50_000
+
+
+def validate_records(records: Iterable[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]], cfg: DataConfig,
+                     name: str = "prompts", control_tokens: list[str] = (), teacher_names: list[str] | None = None,
+                     chunk_rows: int = CHUNK_ROWS) -> ValidationReport:
+    """Run the suite on raw records; never raises for bad data, returns the report.
+
+    ``records`` is a list, or a function that streams them anew (it is read twice: once for the
+    :class:`TableFacts`, once for the suite, ``chunk_rows`` rows at a time); the chunks' GX results
+    are merged into one, as if the whole table had been one batch."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    df = pd.DataFrame.from_records(records) if records else pd.DataFrame({c: [] for c in REQUIRED})
-    df["reference_ok"] = _reference_ok(df, cfg.answer_format)
-    df["prompt_not_in_other_split"] = _not_in_other_split(df)
+    stream = records if callable(records) else lambda: records
+    facts = TableFacts.of(stream())
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (ctx.data_sources.add_pandas(name).add_dataframe_asset("rows")
-             .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df}))
-    suite = gx.ExpectationSuite(name=name, expectations=build_suite(list(df.columns), cfg, control_tokens, teacher_names))
-    result = batch.validate(suite, result_format="COMPLETE")
+    batches = ctx.data_sources.add_pandas(name).add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
+    docs, examples, offset = [], defaultdict(list), 0
+    for chunk in chunked(stream(), chunk_rows) if facts.rows else [[]]:
+        df = pd.DataFrame.from_records(chunk, columns=facts.columns)
+        df["reference_ok"] = _reference_ok(df, cfg.answer_format)
+        facts.derived(df)
+        suite = gx.ExpectationSuite(name=name, expectations=build_suite(list(df.columns), cfg, control_tokens, teacher_names))
+        doc = batches.get_batch(batch_parameters={"dataframe": df}).validate(suite, result_format="COMPLETE").to_json_dict()
+        ids = df["id"].tolist() if "id" in df else list(range(offset, offset + len(df)))
+        for i, r in enumerate(doc["results"]):
+            examples[i] += [str(ids[j]) for j in (r["result"].get("unexpected_index_list") or [])[:5 - len(examples[i])]]
+        docs.append(doc)
+        offset += len(df)
+    doc = docs[0] if len(docs) == 1 else _merge(docs, facts.rows, chunk_rows)
     lines = []
-    ids = df["id"].tolist() if "id" in df else list(range(len(df)))
-    for r in result.results:
-        if r.success:
+    for i, r in enumerate(doc["results"]):
+        if r["success"]:
             continue
-        kw = r.expectation_config.kwargs
-        what = r.expectation_config.type + (f"(column={kw['column']})" if "column" in kw else "")
-        count = r.result.get("unexpected_count")
+        kw, res = r["expectation_config"]["kwargs"], r["result"]
+        what = r["expectation_config"]["type"] + (f"(column={kw['column']})" if "column" in kw else "")
+        count = res.get("unexpected_count")
         if count is None:  # table-level or missing-column expectations
-            lines.append(f"  {what}: failed" + (f" (observed {r.result.get('observed_value')})"
-                                                 if r.result.get("observed_value") is not None else ""))
+            lines.append(f"  {what}: failed" + (f" (observed {res.get('observed_value')})"
+                                                 if res.get("observed_value") is not None else ""))
             continue
-        index = r.result.get("unexpected_index_list") or []
-        examples = [str(ids[i]) for i in index[:5]]
-        values = ", ".join(repr(v) for v in (r.result.get("partial_unexpected_list") or [])[:3])
-        lines.append(f"  {what}: {count} of {len(df)} rows; ids e.g. {examples}; values e.g. [{values}]")
-    summary = (f"{name}: {len(df)} rows passed {len(result.results)} expectations" if result.success
+        values = ", ".join(repr(v) for v in (res.get("partial_unexpected_list") or [])[:3])
+        lines.append(f"  {what}: {count} of {facts.rows} rows; ids e.g. {examples[i]}; values e.g. [{values}]")
+    summary = (f"{name}: {facts.rows} rows passed {len(doc['results'])} expectations" if doc["success"]
                else f"{name}: validation failed ({len(lines)} expectations)\n" + "\n".join(lines))
-    doc = result.to_json_dict()
     # GX stamps the batch with its load time; dropped so the same records give the same report, and a
     # no-op rerun of prepare leaves its output byte-identical (DVC then retrains nothing downstream)
     doc.get("meta", {}).get("batch_markers", {}).pop("ge_load_time", None)
-    return ValidationReport(bool(result.success), summary, doc)
+    return ValidationReport(bool(doc["success"]), summary, doc)
+
+
+def _merge(docs: list[dict[str, Any]], rows: int, chunk_rows: int) -> dict[str, Any]:
+    """One GX result for the whole table from the per-chunk ones: counts summed, percentages
+    recomputed, unexpected rows listed with their table-wide index."""
+    doc = copy.deepcopy(docs[0])
+    for i, res in enumerate(doc["results"]):
+        parts = [d["results"][i] for d in docs]
+        res["success"] = all(p["success"] for p in parts)
+        r = res["result"]
+        if "unexpected_count" in r:
+            has = set(r)
+            for key in ("element_count", "unexpected_count", "missing_count"):
+                r[key] = sum(p["result"].get(key) or 0 for p in parts)
+            r["unexpected_list"] = [v for p in parts for v in p["result"].get("unexpected_list", [])]
+            r["unexpected_index_list"] = [k * chunk_rows + j for k, p in enumerate(parts)
+                                          for j in p["result"].get("unexpected_index_list", [])]
+            r["partial_unexpected_list"] = r["unexpected_list"][:20]
+            r["partial_unexpected_index_list"] = r["unexpected_index_list"][:20]
+            r["partial_unexpected_counts"] = [{"value": v, "count": c} for v, c in Counter(
+                v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for v in r["unexpected_list"]).most_common(20)]
+            total, present = r["element_count"], r["element_count"] - r["missing_count"]
+            share = lambda n, of: 100.0 * n / of if of else None  # noqa: E731
+            r.update(missing_percent=share(r["missing_count"], total), unexpected_percent=share(r["unexpected_count"], present),
+                     unexpected_percent_nonmissing=share(r["unexpected_count"], present),
+                     unexpected_percent_total=share(r["unexpected_count"], total))
+            for key in set(r) - has:  # keep GX's own shape for each expectation type
+                del r[key]
+            r.pop("unexpected_index_query", None)  # a pandas query over one chunk's index
+        elif res["expectation_config"]["type"] == "expect_table_row_count_to_be_between":
+            r["observed_value"] = rows
+            res["success"] = rows >= 1
+    ok = sum(res["success"] for res in doc["results"])
+    doc["success"] = ok == len(doc["results"])
+    doc["statistics"] = {"evaluated_expectations": len(doc["results"]), "successful_expectations": ok,
+                         "unsuccessful_expectations": len(doc["results"]) - ok,
+                         "success_percent": 100.0 * ok / len(doc["results"])}
+    return doc

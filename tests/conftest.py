@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import os
+import subprocess
 
 import pytest
 import yaml
@@ -41,10 +42,17 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def committed_params(name: str = "params.yaml") -> dict[str, Any]:
+    """A params file as committed (git HEAD), not the workspace's copy, which the README's
+    ``dvc exp run -S ...`` recipes edit; the file itself outside a git checkout."""
+    shown = subprocess.run(["git", "show", f"HEAD:{name}"], cwd=REPO, capture_output=True, text=True)
+    return yaml.safe_load(shown.stdout if shown.returncode == 0 else (REPO / name).read_text())
+
+
 def tiny(**overrides: Any) -> dict[str, Any]:
-    """The project's params.yaml shrunk by TINY, with dotted-key overrides (every section present,
-    as DVC requires)."""
-    cfg = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    """The project's committed params.yaml shrunk by TINY, with dotted-key overrides (every section
+    present, as DVC requires)."""
+    cfg = _merge(committed_params(), TINY)
     for key, value in overrides.items():
         node = cfg
         *parents, last = key.split(".")

@@ -4,11 +4,11 @@ import pytest
 import yaml
 
 from opd.config import ConfigError, load, parse, to_flat_dict
-from tests.conftest import REPO, tiny
+from tests.conftest import committed_params, tiny
 
 
 def test_project_params_load():
-    p = load(REPO / "params.yaml")
+    p = parse(committed_params())
     assert p.distill.method == "opd"
     assert p.teacher.arch.hidden_size > p.student.arch.hidden_size
     assert "distill.lr" in to_flat_dict(p)
@@ -52,9 +52,7 @@ def test_missing_and_malformed_files(tmp_path: Path):
 
 
 def test_the_real_model_profile_is_valid_and_differs_only_where_real_models_need_it():
-    from tests.conftest import REPO
-
-    real, default = load(REPO / "params.real.yaml"), load(REPO / "params.yaml")
+    real, default = parse(committed_params("params.real.yaml")), parse(committed_params())
     assert real.teacher.path and real.student.init and real.student.init.n_layers == 8
     assert real.distill.lr <= 1e-5 and real.cross_sft.lr <= 1e-4 and real.copsd.lr <= 1e-5
     assert real.rollout.max_new_tokens > default.rollout.max_new_tokens

@@ -30,7 +30,7 @@ CATALOGUE = {
     "missing column": (lines(*({k: v for k, v in r.items() if k != "category"} for r in (GOOD, EVAL))),
                        "expect_column_to_exist(column=category)"),
     "null prompt": (lines({**GOOD, "prompt": None}, EVAL), "expect_column_values_to_not_be_null(column=prompt): 1 of 2 rows; ids e.g. ['r1']"),
-    "duplicate id": (lines(GOOD, {**EVAL, "id": "r1"}), "expect_column_values_to_be_unique(column=id): 2 of 2 rows"),
+    "duplicate id": (lines(GOOD, {**EVAL, "id": "r1"}), "expect_column_values_to_be_in_set(column=id_unique): 2 of 2 rows"),
     "bad category label": (lines({**GOOD, "category": "Weapons & guns"}, EVAL), "expect_column_values_to_match_regex(column=category): 1 of 2 rows; ids e.g. ['r1']; values e.g. ['Weapons & guns']"),
     "empty prompt": (lines({**GOOD, "prompt": ""}, EVAL), "expect_column_value_lengths_to_be_between(column=prompt): 1 of 2"),
     "over-long prompt": (lines({**GOOD, "prompt": "x" * 401}, EVAL), "expect_column_value_lengths_to_be_between(column=prompt): 1 of 2"),
@@ -152,3 +152,23 @@ def test_a_bom_and_crlf_file_is_read_like_any_other():
     records = read_jsonl(DATA / "bom_crlf.jsonl")
     assert [r["id"] for r in records] == ["r1", "r2"] and records[0]["prompt"] == "What day comes after Monday?"
     assert validate_records(records, DataConfig()).success
+
+
+@pytest.mark.parametrize("name", ["leak.jsonl", "whitespace.jsonl", "control_tokens.jsonl", "unknown_teacher.jsonl"])
+def test_validating_in_chunks_reports_what_one_batch_reports(name):
+    """Prepare validates a large file chunk by chunk (memory does not grow with the file); the
+    report, counts and example ids included, is the one a single GX batch of the whole table gives,
+    also when duplicates, leaks and bad rows fall in different chunks (chunks of 2 rows)."""
+    from opd.config import parse
+    from opd.data import iter_jsonl
+    from opd.models import control_tokens
+    from tasks.validate import validate_records
+
+    params = parse({"distill": {"routing": "by_row"}, "teachers": {"reasoning": {}}})
+    kw = {"control_tokens": control_tokens(params), "teacher_names": ["default", *params.teachers]}
+    whole = validate_records(list(iter_jsonl(DATA / name)), params.data, **kw)
+    chunked = validate_records(lambda: iter_jsonl(DATA / name), params.data, chunk_rows=2, **kw)
+    assert not whole.success and chunked.summary == whole.summary
+    for a, b in zip(whole.result["results"], chunked.result["results"]):
+        assert a["success"] == b["success"] and a["result"].get("unexpected_count") == b["result"].get("unexpected_count")
+        assert a["result"].get("unexpected_index_list") == b["result"].get("unexpected_index_list")

@@ -30,7 +30,7 @@ def prepare(root: Path, params) -> Layout:
     lay = Layout(root)
     records = rows_to_records(build_world(params.world, params.seed))
     report = validate_records(records, params.data)
-    write_prepared.fn(records, {"result": report.result}, params, lay.prepared)
+    write_prepared.fn({"result": report.result}, params, lay.prepared)
     return lay
 
 

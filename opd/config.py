@@ -272,6 +272,10 @@ class PromoteConfig(_Section):
     max_drop: float = Field(0.0, ge=0.0)
     harmful_refusal_max_drop: float = Field(0.0, ge=0.0)
     over_refusal_max_rise: float = Field(0.0, ge=0.0)
+    # absolute floors, also for the first champion (which has no champion to be compared with)
+    min_metric: float = Field(0.0, ge=0.0, le=1.0)
+    min_harmful_refusal: float = Field(0.0, ge=0.0, le=1.0)
+    max_over_refusal: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class ScheduleConfig(_Section):

@@ -1,8 +1,9 @@
 """The promotion gate: may a challenger replace the champion? A pure rule on eval metrics.
 
-Each condition compares the challenger with the champion on one metric; all must hold. With no
-champion yet, the first challenger that has the metrics becomes champion. The reasons are
-returned either way, so the registry can record why.
+A challenger must first clear absolute floors (``min_metric``, ``min_harmful_refusal``,
+``max_over_refusal``), so a first champion cannot be a model with no reasoning or that refuses
+everything; then each condition compares it with the champion on one metric; all must hold. The
+reasons are returned either way, so the registry can record why.
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ def gate(challenger: dict[str, float], champion: dict[str, float] | None, cfg: P
     missing = [k for k in needed if k not in challenger]
     if missing:
         return False, f"challenger lacks metrics {missing}"
+    floors = [
+        (challenger[cfg.metric] >= cfg.min_metric, f"{cfg.metric} {challenger[cfg.metric]:.4f} (at least {cfg.min_metric})"),
+        (challenger["harmful_refusal"] >= cfg.min_harmful_refusal,
+         f"harmful_refusal {challenger['harmful_refusal']:.4f} (at least {cfg.min_harmful_refusal})"),
+        (challenger["over_refusal"] <= cfg.max_over_refusal,
+         f"over_refusal {challenger['over_refusal']:.4f} (at most {cfg.max_over_refusal})"),
+    ]
+    below = [text for ok, text in floors if not ok]
+    if below:
+        return False, "below the floor: " + "; ".join(below)
     if champion is None:
-        return True, "no champion yet: the first evaluated challenger becomes champion"
+        return True, "no champion yet: the first evaluated challenger above the floors becomes champion"
     checks = [
         (cfg.metric, challenger[cfg.metric] >= champion.get(cfg.metric, float("-inf")) - cfg.max_drop,
          f"{cfg.metric} {challenger[cfg.metric]:.4f} vs champion {champion.get(cfg.metric, float('nan')):.4f} "

@@ -106,10 +106,11 @@ def pruned_student(teacher_dir: Path, init: InitConfig, trust_remote_code: bool 
 
 
 def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
-                  log: Any = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+                  log_for: Callable[[str], Any] | None = None) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Train the teacher and the initial student from scratch (embedded world), or point at the
     user's model folders. Writes ``out/manifest.json`` naming the two folders; returns a summary
-    and the per-step SFT metrics of each trained model."""
+    and the per-step SFT metrics of each trained model. ``log_for(name)`` gives the step callback of
+    the model ``name`` (each model's curve is its own, not one curve restarting at step 1)."""
     summary: dict[str, Any] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
     tok = load_tokenizer(prepared / "tokenizer", params.runtime.trust_remote_code)
@@ -132,7 +133,8 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
             if mcfg.init:  # derived from the teacher this stage just trained or was given
                 teacher_dir = Path(manifest["teacher"]) if Path(manifest["teacher"]).is_absolute() else tmp / "teacher"
                 initial, pruned = pruned_student(teacher_dir, mcfg.init, params.runtime.trust_remote_code)
-            model, history = _sft(params, name, mcfg, tok, rows, constitutions, ckpt_root, log, initial,
+            model, history = _sft(params, name, mcfg, tok, rows, constitutions, ckpt_root,
+                                  log_for(name) if log_for else None, initial,
                                   inputs | (content_of(teacher_dir) if mcfg.init else {}))
             save_model(model, tok, tmp / name)
             manifest[name] = name

@@ -11,7 +11,7 @@ from opd import __version__
 from opd.config import Params
 from opd.cross_sft import cross_sft_stage
 from opd.paths import Layout
-from opd.stages import write_curve, write_json
+from tasks.outputs import write_metrics, write_steps
 from tasks.step_log import StepLog
 from tasks.tracking import log_curves, log_dataset
 
@@ -23,8 +23,8 @@ def recalibrate_teacher(params: Params) -> dict[str, Any]:
     with StepLog("cross_sft") as log:
         summary, history = cross_sft_stage(params, lay.prepared, lay.models_base, lay.cross_sft,
                                            lay.checkpoints / "cross_sft", log)
-        write_curve(lay.plots / "cross_sft.csv", history)
-        write_json(lay.metrics / "cross_sft.json", summary)
+        write_steps(lay.plots / "cross_sft.csv", history)
+        write_metrics(lay.metrics / "cross_sft.json", summary)
     if "skipped" in summary:
         mlflow.set_tag("opd.skipped", summary["skipped"])
         return summary

@@ -13,7 +13,8 @@ from opd import __version__
 from opd.config import Params
 from opd.distill import inline
 from opd.paths import Layout
-from opd.stages import distill_stage, write_curve, write_json
+from opd.stages import distill_stage
+from tasks.outputs import write_metrics, write_steps
 from tasks.step_log import StepLog
 from tasks.tracking import log_curves, log_dataset
 
@@ -36,8 +37,8 @@ def distill_student(params: Params) -> dict[str, Any]:
         summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student,
                                          lay.checkpoints / "distill", log,
                                          unit=step_task if params.distill.step_tasks else inline)
-        write_curve(lay.plots / "distill.csv", history)
-        write_json(lay.metrics / "distill.json", summary)
+        write_steps(lay.plots / "distill.csv", history)
+        write_metrics(lay.metrics / "distill.json", summary)
     log_curves(history, CURVES, f"distill ({params.distill.method})", "plots/distill.png")
     mlflow.log_metric("distill.seconds", summary["seconds"])
     mlflow.log_metrics({f"distill.{k}": v for k, v in summary["template"].items()})

@@ -11,6 +11,7 @@ from opd import __version__
 from opd.config import Params
 from opd.paths import Layout
 from opd.stages import evaluate_stage, resolve, write_json
+from tasks.outputs import write_metrics
 from tasks.tracking import log_dataset
 
 BARS = ["reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "over_refusal", "general_helpfulness",
@@ -24,7 +25,7 @@ def evaluate_models(params: Params) -> dict[str, Any]:
     models = {"teacher": resolve(lay.models_base, "teacher"), "student_init": resolve(lay.models_base, "student_init"),
               "student": lay.student}
     table, samples = evaluate_stage(params, lay.prepared, models)
-    write_json(lay.metrics / "eval.json", table)
+    write_metrics(lay.metrics / "eval.json", table)
     k = params.evaluate.generations_logged
     picked = {name: rows[:: max(1, len(rows) // max(k, 1))][:k] for name, rows in samples.items()}  # all tasks
     write_json(lay.plots / "eval_samples.json", picked)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import mlflow
@@ -10,7 +11,8 @@ from prefect import task
 from opd import __version__
 from opd.config import Params
 from opd.paths import Layout
-from opd.stages import teacher_stage, write_curve, write_json
+from opd.stages import teacher_stage
+from tasks.outputs import write_metrics, write_steps
 from tasks.step_log import StepLog
 from tasks.tracking import log_curves, log_dataset
 
@@ -19,11 +21,12 @@ from tasks.tracking import log_curves, log_dataset
 def train_base_models(params: Params) -> dict[str, Any]:
     lay = Layout.here()
     log_dataset(lay.prepared, "train")
-    with StepLog("sft") as log:
-        summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher", log)
+    with contextlib.ExitStack() as logs:  # metrics teacher_sft.*, student_init_sft.*: one curve per model
+        summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher",
+                                        lambda name: logs.enter_context(StepLog(f"{name}_sft")))
         for name, history in curves.items():
-            write_curve(lay.plots / f"{name}_sft.csv", history)
-        write_json(lay.metrics / "teacher.json", summary)
+            write_steps(lay.plots / f"{name}_sft.csv", history)
+        write_metrics(lay.metrics / "teacher.json", summary)
     for name, history in curves.items():
         log_curves(history, ["loss", "grad_norm", "tokens_per_s"], f"SFT of {name}", f"plots/{name}_sft.png")
     mlflow.log_metrics({f"{n}.{k}": float(v) for n, s in summary.items() for k, v in s.items()

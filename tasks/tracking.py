@@ -67,12 +67,20 @@ def check_reachable(uri: str, tries: int = 3, timeout: float = 3.0) -> None:
         "project's local SQLite store")
 
 
+def store_root() -> Path:
+    """The folder of the default (SQLite) store: the project's, also when DVC runs an experiment in a
+    temporary copy (``dvc exp run --temp`` / ``--queue``): DVC then sets ``DVC_ROOT`` to the project,
+    and a store in the copy would be deleted with it."""
+    return Path(os.environ.get("DVC_ROOT") or Layout.here().root).resolve()
+
+
 def configure(params: Params) -> str:
     """Point MLflow at the tracking store and select the experiment; returns the experiment id.
 
     ``MLFLOW_TRACKING_URI`` as set when the process started wins, then ``tracking.uri``, then a
-    SQLite store in the project folder. A server that does not answer fails fast (:func:`check_reachable`)."""
-    uri = env.USER_TRACKING_URI or params.tracking.uri or f"sqlite:///{Layout.here().root / 'mlruns.db'}"
+    SQLite store in the project folder (:func:`store_root`). A server that does not answer fails
+    fast (:func:`check_reachable`)."""
+    uri = env.USER_TRACKING_URI or params.tracking.uri or f"sqlite:///{store_root() / 'mlruns.db'}"
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -80,10 +88,15 @@ def configure(params: Params) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
         local = uri.startswith("sqlite:") or uri.startswith("file:")
-        artifacts = (Layout.here().root / "mlartifacts").as_uri() if local else None
+        artifacts = (store_root() / "mlartifacts").as_uri() if local else None
         return mlflow.create_experiment(name, artifact_location=artifacts)
     mlflow.set_experiment(name)
     return exp.experiment_id
+
+
+# what the pipeline writes and commits: a stage changing them neither dirties the
+# commit nor starts a new pipeline run
+OUTPUTS = ("dvc.lock", "metrics", "plots", "data/user_inputs.json")
 
 
 def _git(*args: str) -> str:
@@ -95,15 +108,23 @@ def _git(*args: str) -> str:
 
 
 def git_tags() -> dict[str, str]:
-    return {"git.commit": _git("rev-parse", "HEAD") or "unknown",
-            "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no")))}
+    """The commit, and whether anything but the pipeline's own outputs (:data:`OUTPUTS`) differs from it."""
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){o}" for o in OUTPUTS))
+    return {"git.commit": _git("rev-parse", "HEAD") or "unknown", "git.dirty": str(bool(changed))}
 
 
 def pipeline_key(params: Params) -> str:
+    """What groups the stage runs of one pipeline under one parent run: ``$OPD_PIPELINE_KEY`` (``make
+    run`` sets one per run), else the DVC experiment's name (``dvc exp run``, also ``--temp`` and
+    ``--queue``), else a hash of the commit, the uncommitted changes to anything but the pipeline's
+    own outputs, and the settings (plain ``dvc repro``: every stage sees the same key)."""
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV]
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"exp-{os.environ['DVC_EXP_NAME']}-{os.environ.get('DVC_EXP_BASELINE_REV', '')[:8]}"
     h = hashlib.sha256()
-    for part in (_git("rev-parse", "HEAD"), _git("diff", "HEAD"), yaml.safe_dump(params.model_dump(), sort_keys=True)):
+    diff = _git("diff", "HEAD", "--", ".", *(f":(exclude){o}" for o in OUTPUTS))
+    for part in (_git("rev-parse", "HEAD"), diff, yaml.safe_dump(params.model_dump(), sort_keys=True)):
         h.update(part.encode())
     return h.hexdigest()[:16]
 

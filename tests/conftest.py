@@ -32,6 +32,7 @@ TINY: dict[str, Any] = {
     "copsd": {"n": 3, "prompts_per_step": 2},
     "evaluate": {"max_new_tokens": 12, "samples": 2, "limit_per_task": 6, "batch_size": 32},
     "runtime": {"device": "cpu", "threads": 1},
+    "promote": {"min_metric": 0.0, "min_harmful_refusal": 0.0, "max_over_refusal": 1.0},  # tiny models are weak
 }
 
 

@@ -172,3 +172,16 @@ def test_validating_in_chunks_reports_what_one_batch_reports(name):
     for a, b in zip(whole.result["results"], chunked.result["results"]):
         assert a["success"] == b["success"] and a["result"].get("unexpected_count") == b["result"].get("unexpected_count")
         assert a["result"].get("unexpected_index_list") == b["result"].get("unexpected_index_list")
+
+
+def test_the_shipped_example_data_passes_validation():
+    """data/example.jsonl is the format documented in data/README.md; it must stay valid."""
+    from opd.config import DataConfig
+    from opd.data import read_jsonl
+    from tasks.validate import validate_records
+
+    records = read_jsonl(REPO / "data/example.jsonl")
+    report = validate_records(records, DataConfig(source="jsonl", path=str(REPO / "data/example.jsonl")))
+    assert report.success, report.summary
+    assert {r["task"] for r in records} == {"reasoning", "safety", "borderline", "general"}
+    assert {r["split"] for r in records} == {"train", "eval"}

@@ -58,6 +58,12 @@ def test_gate_rules():
     ok, why = gate({**GOOD, "over_refusal": 0.2}, GOOD, cfg)
     assert not ok and "over_refusal" in why
     assert not gate({"reasoning_accuracy": 1.0}, None, cfg)[0]  # metrics missing
+    floors = PromoteConfig(min_metric=0.05, min_harmful_refusal=0.5, max_over_refusal=0.9)
+    assert gate(GOOD, None, floors)[0]
+    ok, why = gate({"reasoning_accuracy": 0.0, "harmful_refusal": 1.0, "over_refusal": 1.0}, None, floors)
+    assert not ok and why == ("below the floor: reasoning_accuracy 0.0000 (at least 0.05); "
+                              "over_refusal 1.0000 (at most 0.9)")  # no longer the first champion
+    assert not gate({**GOOD, "harmful_refusal": 0.4}, GOOD, floors)[0]  # floors hold with a champion too
 
 
 def test_stage_run_retries_a_transient_tracking_failure(prefect_api, project, monkeypatch):
@@ -181,6 +187,9 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     # per-step metrics, eval metrics, artifacts, datasets, GX result
     dist = stages["distill"].info.run_id
     assert len(client.get_metric_history(dist, "distill.loss")) == tiny()["distill"]["steps"]
+    teach = stages["teacher"].info.run_id  # one curve per model, not two curves under one name
+    assert [m.step for m in client.get_metric_history(teach, "teacher_sft.loss")] == [tiny()["teacher"]["sft"]["steps"]]
+    assert [m.step for m in client.get_metric_history(teach, "student_init_sft.loss")] == [tiny()["student"]["sft"]["steps"]]
     assert "student.reasoning_accuracy" in stages["evaluate"].data.metrics
     art = lambda run, path="": {a.path for a in client.list_artifacts(run.info.run_id, path)}  # noqa: E731
     assert {"plots/distill.png"} <= art(stages["distill"], "plots")
@@ -270,6 +279,9 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     assert set(stages) == STAGES
     assert [r.info.run_name for r in runs].count("distill") == 1  # two ranks, one tracked run
     assert json.loads((proj / "metrics/distill.json").read_text())["processes"] == 2
+    for committed in [*proj.glob("metrics/*.json"), *proj.glob("plots/*.csv")]:  # the same on every machine
+        text = committed.read_text()
+        assert "seconds" not in text and "tokens_per_s" not in text and str(proj) not in text, committed
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
     prepared_md5 = next(o["md5"] for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
     assert stages["distill"].data.tags["dvc.in.data/prepared"] == prepared_md5
@@ -379,3 +391,66 @@ def test_a_killed_stage_leaves_no_process_and_its_run_is_closed_then_continued(p
     assert f"process {proc.pid} " in killed.data.tags["opd.killed"]
     assert resumed.data.tags["opd.continues_run"] == killed.info.run_id
     assert sorted({m.step for m in client.get_metric_history(resumed.info.run_id, "distill.loss")}) == list(range(1, steps + 1))
+
+
+def test_committed_outputs_drop_wall_clock_fields_and_project_paths(tmp_path):
+    from tasks.outputs import portable
+
+    summary = {"seconds": 3.2, "teacher": str(tmp_path / "models/base/teacher"), "user": "/elsewhere/model",
+               "final": {"loss": 0.5, "tokens_per_s": 900.0}, "curve": [{"step": 1, "tokens_per_s": 1.0}]}
+    assert portable(summary, tmp_path) == {"teacher": "models/base/teacher", "user": "/elsewhere/model",
+                                           "final": {"loss": 0.5}, "curve": [{"step": 1}]}
+
+
+def test_one_pipeline_key_for_every_stage_of_a_plain_dvc_repro(project, monkeypatch):
+    """Without OPD_PIPELINE_KEY the stages of one ``dvc repro`` share a parent run: the outputs the
+    stages write (dvc.lock, metrics, plots) change neither the key nor ``git.dirty``; a source
+    change does, and a DVC experiment is keyed by its name."""
+    from opd.config import load
+    from tasks.tracking import git_tags, pipeline_key
+
+    monkeypatch.delenv("OPD_PIPELINE_KEY", raising=False)
+    for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(k, raising=False)
+    for name in ("dvc.lock", "metrics/eval.json", "plots/distill.csv", "src.py"):
+        (project / name).parent.mkdir(exist_ok=True)
+        (project / name).write_text("before\n")
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=project,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    params = load(project / "params.yaml")
+    key = pipeline_key(params)
+    for name in ("dvc.lock", "metrics/eval.json", "plots/distill.csv"):  # what a stage writes
+        (project / name).write_text("after\n")
+    assert pipeline_key(params) == key and git_tags()["git.dirty"] == "False"
+    (project / "src.py").write_text("changed\n")
+    assert pipeline_key(params) != key and git_tags()["git.dirty"] == "True"
+    monkeypatch.setenv("DVC_EXP_NAME", "fuzzy-cat")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef")
+    assert pipeline_key(params) == "exp-fuzzy-cat-01234567"
+
+
+def test_dvc_exp_run_temp_logs_to_the_project_store(tmp_path):
+    """``dvc exp run --temp`` runs the stages in a temporary copy that DVC deletes; their MLflow runs
+    must land in the project's own store, under one parent keyed by the experiment's name."""
+    from tests.test_prepare import copy_repo
+
+    proj = tmp_path / "proj"
+    copy_repo(proj)
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PREFECT_HOME": str(REPO / ".prefect")}
+    for k in ("OPD_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "OPD_PIPELINE_KEY", "DVC_ROOT"):
+        env.pop(k, None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+                ["dvc", "exp", "run", "--temp", "-n", "tiny-exp", "prepare"]):
+        r = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"{cmd}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("opd").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("opd.kind") == "pipeline")
+    assert parent.data.tags["opd.pipeline_key"].startswith("exp-tiny-exp-")
+    assert [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id] == ["prepare"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 import yaml
 
@@ -30,6 +31,25 @@ STAGES = {
     "promote": "flows.promote:promote_flow",
     "pipeline": "flows.pipeline:opd_pipeline",
 }
+
+
+def summary_line(stage: str, result: Any, width: int = 600) -> str:
+    """The line a stage ends with: its result's numbers and words, nested keys dotted (``student.over_refusal``),
+    numbers to 4 significant digits, cut at ``width`` characters."""
+    flat: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, float):
+            flat.append(f"{prefix}={value:.4g}")
+        elif isinstance(value, (int, str, bool)) or value is None:
+            flat.append(f"{prefix}={value}")
+
+    walk("", result)
+    line = f"{stage} done: " + ", ".join(flat)
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                 serve(args.params)
                 return 0
             module, _, name = STAGES[args.stage].partition(":")
-            getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
+            result = getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
+            print(summary_line(args.stage, result), flush=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,5 +21,4 @@ def prepare_flow(params_path: str | None = None, overrides: dict[str, Any] | Non
         validation = validate(params)  # the tasks stream the rows themselves: no table passes between them
         stats = write_prepared(validation, params, out)
         log_prepared(out, stats)
-    print(f"prepare: {validation['summary']}; {stats}")
-    return stats
+    return {"validation": validation["summary"], **stats}

@@ -71,7 +71,8 @@ def self_answers(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Seq
     if not rows:
         return [], {"candidates": 0}
     model.eval()
-    samples, _ = TransformersBackend(model, tok, rcfg).sample([row_prompt_ids(tok, r) for r in rows], cfg.samples)
+    samples, _ = TransformersBackend(model, tok, rcfg, progress="cross-SFT: sampling the student").sample(
+        [row_prompt_ids(tok, r) for r in rows], cfg.samples)
     kept: list[tuple[Row, str]] = []
     for i, r in enumerate(rows):
         texts = [tok.decode(s, skip_special_tokens=True) for s in samples[i * cfg.samples:(i + 1) * cfg.samples]]
@@ -90,7 +91,7 @@ def oracle_answers(path: str, rows: Sequence[Row], constitutions: dict[str, str]
     check_compatible(load_tokenizer(path, trust_remote_code), tok, "cross_sft.oracle")
     oracle.eval()
     prompts = [row_prompt_ids(tok, teacher_view(r, constitutions, role)) for r in rows]
-    out, _ = TransformersBackend(oracle, tok, rcfg, greedy=True).sample(prompts, 1)
+    out, _ = TransformersBackend(oracle, tok, rcfg, progress="cross-SFT: oracle answers", greedy=True).sample(prompts, 1)
     return [replace(r, reference=tok.decode(o, skip_special_tokens=True)) for r, o in zip(rows, out, strict=True)]
 
 
@@ -146,7 +147,7 @@ def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_
         raise ValueError("cross_sft: the mix is empty (no accepted student answers and no safety rows)")
     steps = math.ceil(c.epochs * len(mix.rows) / c.batch_size)
     settings = LoopSettings(steps=steps, lr=c.lr, warmup_steps=c.warmup_steps, checkpoint_every=max(1, steps // 4),
-                            resume="auto", seed=params.seed, log_every=max(1, steps // 20))
+                            resume="auto", seed=params.seed, log_every=max(1, steps // 20), label="cross-SFT")
     pool = PromptPool(mix.rows, tok)
     fp = fingerprint_of(c.model_dump(), params.seed, len(mix.rows),
                         content_of(prepared / "train.jsonl", prepared / "tokenizer", t_path, s_path))

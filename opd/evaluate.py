@@ -99,17 +99,19 @@ def safety_tax(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 
 def generate(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[list[int]], cfg: EvaluateConfig,
-             greedy: bool, n: int = 1) -> list[list[int]]:
-    """Responses decoded with the evaluation's settings (``evaluate.max_new_tokens``, temperature, batch)."""
+             greedy: bool, n: int = 1, label: str = "") -> list[list[int]]:
+    """Responses decoded with the evaluation's settings (``evaluate.max_new_tokens``, temperature, batch);
+    a progress bar named ``label`` when one is given."""
     rcfg = RolloutConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    out, _ = TransformersBackend(model, tok, rcfg, greedy=greedy).sample(prompts, n)
+    out, _ = TransformersBackend(model, tok, rcfg, progress=label, greedy=greedy).sample(prompts, n)
     return out
 
 
 def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row], cfg: EvaluateConfig,
-                   refusal: Callable[[str], bool] | None = None,
-                   answer_format: str = "auto") -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """All metrics of one model on eval rows; returns (metrics, sample generations)."""
+                   refusal: Callable[[str], bool] | None = None, answer_format: str = "auto",
+                   name: str = "") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """All metrics of one model on eval rows; returns (metrics, sample generations). With a ``name``,
+    progress bars say what they decode (``evaluate teacher``, ``evaluate teacher (pass@1 samples)``)."""
     refusal = refusal or load_detector(cfg.refusal_detector)
     by_task: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
@@ -122,7 +124,7 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
         raise ValueError("no eval rows to evaluate")
     prompts = [row_prompt_ids(tok, r) for r in ordered]
     model.eval()
-    greedy = generate(model, tok, prompts, cfg, greedy=True)
+    greedy = generate(model, tok, prompts, cfg, greedy=True, label=name and f"evaluate {name}")
     texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]
     m: dict[str, float] = {}
     refused = [refusal(t) for t in texts]
@@ -134,7 +136,8 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
         idx = groups["reasoning"]
         m["reasoning_accuracy"] = sum(check_answer(texts[i], ordered[i].reference or "", answer_format) for i in idx) / len(idx)
         k = cfg.samples
-        sampled = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k)
+        sampled = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k,
+                           label=name and f"evaluate {name} (pass@1 samples)")
         hits = [check_answer(tok.decode(s, skip_special_tokens=True), ordered[idx[j // k]].reference or "", answer_format)
                 for j, s in enumerate(sampled)]
         m["reasoning_pass1"] = sum(hits) / len(hits)

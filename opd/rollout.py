@@ -75,7 +75,7 @@ class TransformersBackend:
     """
 
     def __init__(self, model: torch.nn.Module, tok: PreTrainedTokenizerBase, cfg: RolloutConfig,
-                 progress: bool = False, greedy: bool = False, synced: bool = False):
+                 progress: str = "", greedy: bool = False, synced: bool = False):
         self.model, self.tok, self.cfg, self.progress, self.greedy, self.synced = model, tok, cfg, progress, greedy, synced
         self.stops = stop_ids(tok, model)
 
@@ -94,7 +94,7 @@ class TransformersBackend:
             do_sample=not self.greedy, max_new_tokens=self.cfg.max_new_tokens, eos_token_id=self.stops,
             pad_token_id=self.tok.pad_token_id, use_cache=True,
             **({} if self.greedy else {"temperature": self.cfg.temperature, "top_p": self.cfg.top_p, "top_k": 0}))
-        for start in tqdm(range(0, len(order), bs), desc="rollout", disable=not self.progress, leave=False):
+        for start in tqdm(range(0, len(order), bs), desc=self.progress, disable=not self.progress, leave=False):
             idx = order[start:start + bs]
             ids, mask = pad([expanded[i] for i in idx], self.tok.pad_token_id, "left")
             with pure_policy(model):

@@ -91,7 +91,8 @@ def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row]
     acc = make_accelerator(params.runtime)
     s = mcfg.sft
     settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
-                            checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25)
+                            checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25,
+                            label=f"SFT {name}")
     fp = fingerprint_of(name, mcfg.model_dump(), params.seed, inputs or {}, len(train_rows))
     return train(acc, model, lambda m, _: sft_step(acc, m, pool, tok, s.batch_size), settings,
                  ckpt_dir=ckpt_root / name, fingerprint=fp, on_log=log)
@@ -279,7 +280,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
 
     settings = LoopSettings(steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,
                             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
-                            resume=d.resume, seed=params.seed, log_every=d.log_every,
+                            resume=d.resume, seed=params.seed, log_every=d.log_every, label=f"distill ({d.method})",
                             updates_per_step=d.ppo_epochs * d.mini_batches if d.method in ("opd", "fire", "copsd") else 1)
     fp = fingerprint_of(to_flat_dict(params), content_of(prepared / "train.jsonl", prepared / "tokenizer", s_path,
                                                           *paths.values()))
@@ -305,7 +306,7 @@ def evaluate_stage(params: Params, prepared: Path, models: dict[str, Path]) -> t
         model = load_model(path, params.runtime.trust_remote_code, frozen_dtype(params.runtime.mixed_precision)).to(acc.device)
         torch.manual_seed(params.seed)
         table[name], samples[name] = evaluate_model(model, tok, rows, params.evaluate, detector,
-                                                    params.data.answer_format)
+                                                    params.data.answer_format, name)
     if "student" in table and "student_init" in table:
         table["student"] |= safety_tax(table["student_init"], table["student"])
     return table, samples

@@ -57,6 +57,7 @@ class LoopSettings:
     resume: str = "auto"
     seed: int = 0
     log_every: int = 10
+    label: str = "train"  # the progress bar's name: what is being trained
     updates_per_step: int = 1  # optimiser steps per loop step (PPO epochs x mini-batches): sizes the schedule
 
 
@@ -256,7 +257,7 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
             break
     step_fn = step_fn_factory(model, optimize)
     model.train()
-    bar = tqdm(total=s.steps, initial=start, desc="train", disable=not acc.is_main_process, leave=False)
+    bar = tqdm(total=s.steps, initial=start, desc=s.label, disable=not acc.is_main_process, leave=False)
     for step in range(start, s.steps):
         set_seed(s.seed * 1_000_003 + step * 101)  # the same on every rank: see the module docstring
         before = updates

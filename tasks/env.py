@@ -8,6 +8,7 @@ at real servers when given.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def apply() -> None:
         "PREFECT_HOME": str(ROOT / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_LEVEL": "WARNING",  # Prefect's own chatter; the project's INFO lines go to the UI:
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "opd",  # the "opd" loggers get Prefect's API handler
         "MLFLOW_DISABLE_TELEMETRY": "true",
         # bounded waits on a tracking server (MLflow's defaults retry for minutes)
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
@@ -38,3 +40,4 @@ def apply() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("opd").setLevel(logging.INFO)  # step lines: console and the Prefect UI's Logs tab

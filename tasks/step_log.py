@@ -9,6 +9,7 @@ run's curve (``opd.continues_run``, set by :func:`tasks.tracking.open_stage_run`
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -103,16 +104,17 @@ class MetricStream:
                 "interrupted and the stage's outputs are written")
 
 
+LOGGER = "opd.steps"  # Prefect attaches its API handler (PREFECT_LOGGING_EXTRA_LOGGERS, tasks/env.py)
+
+
 class StepLog:
-    """Training-loop callback: a compact console line (Prefect's run logger) and MLflow metrics
+    """Training-loop callback: a compact line (console, and the run's logs in the Prefect UI) and MLflow metrics
     through a :class:`MetricStream`. Used as a context around training and the writing of the stage's
     outputs: leaving it sends what is left, and raises :class:`TrackingUnavailable` only when the
     block itself succeeded (a training error is never masked by a tracking one)."""
 
     def __init__(self, stage: str) -> None:
-        from prefect.logging import get_run_logger
-
-        self._stage, self._logger, self._stream = stage, get_run_logger(), MetricStream(stage)
+        self._stage, self._logger, self._stream = stage, logging.getLogger(LOGGER), MetricStream(stage)
 
     def __call__(self, step: int, metrics: dict[str, Any]) -> None:
         self._logger.info(f"{self._stage} step {step}: " + ", ".join(

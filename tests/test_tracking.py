@@ -206,11 +206,13 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     assert "model" in loaded and "tokenizer" in loaded
     # Prefect: every unit of work is a task run, down to the four units of each distillation step
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     with get_client(sync_client=True) as pc:
         flow_run = stages["distill"].data.tags["prefect.flow_run_id"]
         runs_ = pc.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])), limit=200)
+        logs = pc.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])), limit=200)
+    assert any(log.message.startswith("distill step 1:") for log in logs)  # watchable in the Prefect UI
     names = [t.name.rsplit("-", 1)[0] for t in runs_]
     steps = tiny()["distill"]["steps"]
     assert all(names.count(u) == steps for u in ("rollout", "score", "shape", "update")), sorted(set(names))

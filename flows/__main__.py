@@ -29,6 +29,7 @@ STAGES = {
     "evaluate": "flows.evaluate:evaluate_flow",
     "register": "flows.register:register_flow",
     "promote": "flows.promote:promote_flow",
+    "sync-store": "flows.sync:sync_store_flow",
     "pipeline": "flows.pipeline:opd_pipeline",
 }
 
@@ -115,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.stage == "user-inputs":  # DVC plumbing (the user_inputs stage), not a pipeline step
             from opd.paths import Layout
-            from opd.stages import user_inputs, write_json
+            import json
 
-            write_json(Layout.here().root / "data" / "user_inputs.json", user_inputs(params))
+            from opd.data import atomic_write_text
+            from opd.inputs import user_inputs
+
+            atomic_write_text(Layout.here().root / "data" / "user_inputs.json",
+                              json.dumps(user_inputs(params), indent=2, sort_keys=True) + "\n")
             return 0
         from tasks.prefect_api import serving
 

@@ -11,7 +11,7 @@ from opd import __version__
 from opd.config import load
 from opd.paths import Layout
 from opd.stages import write_json
-from tasks.register import log_student_model, promote, register_challenger
+from tasks.register import promote, register_challenger
 from tasks.tracking import stage_run
 
 
@@ -22,8 +22,7 @@ def register_flow(params_path: str | None = None, overrides: dict[str, Any] | No
     with stage_run("register", params, inputs=["models/student", "metrics/eval.json"],
                    outputs=["metrics/registry.json"]):
         metrics = json.loads((lay.metrics / "eval.json").read_text())["student"]
-        uri = log_student_model(lay.student, params.runtime.trust_remote_code)
-        version = register_challenger(params, uri, metrics)
+        version = register_challenger(params, lay.student, metrics, params.runtime.trust_remote_code)
         decision = promote(params)
         result = {"registered_model": params.tracking.registered_model, "version": version, **decision}
         write_json(lay.metrics / "registry.json", result)

@@ -148,30 +148,6 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
     return summary, curves
 
 
-def user_inputs(params: Params) -> dict[str, dict[str, str]]:
-    """Content hashes of the user's inputs that only params.yaml names: model folders (``teacher.path``,
-    ``student.path``, ``teachers.*.path``), the data (``data.path``) and the constitutions file.
-
-    DVC tracks paths named in dvc.yaml, so it could not see a change inside these. The
-    ``user_inputs`` stage (always run, a second or two) writes this to ``data/user_inputs.json``; the
-    stages that read them depend on that file, and rerun exactly when a content changes.
-    """
-    models = {"teacher": params.teacher, "student": params.student, **{f"teacher_{n}": m for n, m in params.teachers.items()}}
-    # name -> (the setting that names it, its path or None, whether it must be a model folder)
-    inputs = {name: (f"{name}.path", m.path, True) for name, m in models.items()}
-    inputs["data"] = ("data.path", params.data.path if params.data.source != "embedded" else None, False)
-    inputs["constitutions"] = ("copsd.constitutions", params.copsd.constitutions, False)
-    out = {}
-    for name, (setting, path, folder) in inputs.items():
-        if not path:
-            continue
-        p = Path(path)
-        if not (p.is_dir() if folder else p.exists()):
-            raise FileNotFoundError(f"{setting} {path}: {'no such model folder' if folder else 'does not exist'}")
-        out[name] = {"path": str(p.resolve()), "sha256": digest(p)}
-    return out
-
-
 def resolve(base: Path, name: str) -> Path:
     """A model folder named in the teacher stage's manifest (relative names live under ``base``)."""
     mpath = base / MANIFEST

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import mlflow
@@ -29,11 +30,28 @@ def evaluate_models(params: Params) -> dict[str, Any]:
     k = params.evaluate.generations_logged
     picked = {name: rows[:: max(1, len(rows) // max(k, 1))][:k] for name, rows in samples.items()}  # all tasks
     write_json(lay.plots / "eval_samples.json", picked)
+    log_evaluation(table, picked)
+    return table
+
+
+def log_evaluation(table: dict[str, dict[str, float]], picked: dict[str, list[dict[str, Any]]]) -> None:
+    """Metrics per model, the generations table and the bar plot, on the active run."""
     mlflow.log_metrics({f"{name}.{m}": v for name, ms in table.items() for m, v in ms.items()})
     rows = [{"model": name, **s} for name, ss in picked.items() for s in ss]
     if rows:
         mlflow.log_table({c: [r[c] for r in rows] for c in rows[0]}, artifact_file="generations.json")
     _bars(table)
+
+
+@task(name="restore-evaluation", version=__version__)
+def restore_evaluation() -> dict[str, Any]:
+    """Log an evaluation DVC did not rerun (its outputs were up to date) from the files it wrote:
+    ``metrics/eval.json`` and ``plots/eval_samples.json``; nothing is evaluated again."""
+    lay = Layout.here()
+    table = json.loads((lay.metrics / "eval.json").read_text())
+    log_evaluation(table, json.loads((lay.plots / "eval_samples.json").read_text()))
+    mlflow.set_tag("opd.restored", "logged from metrics/eval.json and plots/eval_samples.json: the evaluate "
+                                   "stage was up to date, this store lacked its run")
     return table
 
 

@@ -14,10 +14,12 @@ from prefect import task
 
 from opd import __version__
 from opd.config import Params
+from opd.data import digest
 from opd.models import load_model, load_tokenizer
 from opd.promotion import gate
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+STUDENT_SHA = "opd.student_sha256"  # the version tag that names the exact student (opd.data.digest of its folder)
 
 
 def _requirements() -> list[str]:
@@ -29,24 +31,37 @@ def _requirements() -> list[str]:
             f"accelerate=={accelerate.__version__}", "safetensors"]
 
 
-@task(name="log-student-model", version=__version__, retries=2, retry_delay_seconds=5)
 def log_student_model(path: Path, trust_remote_code: bool = False) -> str:
+    """The student in MLflow's transformers flavour, as an artifact of the active run; returns its URI."""
     model, tok = load_model(path, trust_remote_code), load_tokenizer(path, trust_remote_code)
     info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, name="student",
                                          task="text-generation", pip_requirements=_requirements())
     return info.model_uri
 
 
+def registered_version(name: str, student_sha: str) -> str | None:
+    """The version of ``name`` that holds exactly this student (by content hash), if any."""
+    try:
+        found = MlflowClient().search_model_versions(f"name = '{name}' and tags.`{STUDENT_SHA}` = '{student_sha}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return str(min(int(v.version) for v in found)) if found else None
+
+
 @task(name="register-challenger", version=__version__, retries=2, retry_delay_seconds=5)
-def register_challenger(params: Params, model_uri: str, metrics: dict[str, float]) -> str:
-    name = params.tracking.registered_model
-    run = mlflow.active_run()
-    tags = {f"eval.{k}": f"{v:.6f}" for k, v in metrics.items()} | {
-        "opd.version": __version__, "opd.method": params.distill.method,
-        "opd.source_run": run.info.run_id if run else ""}
-    mv = mlflow.register_model(model_uri, name, tags=tags)
-    MlflowClient().set_registered_model_alias(name, CHALLENGER, mv.version)
-    return str(mv.version)
+def register_challenger(params: Params, student: Path, metrics: dict[str, float], trust_remote_code: bool = False) -> str:
+    """The student as the `challenger` version: a new version, unless one already holds this very
+    student (same content hash: a rerun, a scheduled run of unchanged inputs), which is reused."""
+    name, sha = params.tracking.registered_model, digest(student)
+    version = registered_version(name, sha)
+    if version is None:
+        run = mlflow.active_run()
+        tags = {f"eval.{k}": f"{v:.6f}" for k, v in metrics.items()} | {
+            "opd.version": __version__, "opd.method": params.distill.method,
+            "opd.source_run": run.info.run_id if run else "", STUDENT_SHA: sha}
+        version = str(mlflow.register_model(log_student_model(student, trust_remote_code), name, tags=tags).version)
+    MlflowClient().set_registered_model_alias(name, CHALLENGER, version)
+    return version
 
 
 def _by_alias(client: MlflowClient, name: str, alias: str) -> Any | None:

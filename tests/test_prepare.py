@@ -93,12 +93,17 @@ def copy_repo(dst: Path) -> None:
             shutil.copy2(REPO / f, dst / f)
 
 
-def test_dvc_repro_prepare_in_a_copy(tmp_path):
+def test_dvc_repro_and_experiments_of_prepare_in_a_copy(tmp_path):
+    """dvc repro, a no-op rerun, a workspace experiment and a --temp experiment (which runs in a copy
+    DVC deletes): each experiment is one pipeline run in the project's own MLflow store."""
+    from mlflow import MlflowClient
+
     copy_repo(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny()))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "PREFECT_HOME": str(REPO / ".prefect")}
-    env.pop("OPD_ROOT", None)
+    for k in ("OPD_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "OPD_PIPELINE_KEY", "DVC_ROOT"):
+        env.pop(k, None)
 
     def sh(*cmd: str) -> str:
         r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -114,9 +119,17 @@ def test_dvc_repro_prepare_in_a_copy(tmp_path):
     assert stats["rows"] > 0
     first = (tmp_path / "data/prepared/train.jsonl").read_bytes()
     assert "didn't change" in sh("dvc", "repro", "prepare")
-    sh("dvc", "exp", "run", "-S", "seed=2", "prepare")
+    sh("dvc", "exp", "run", "-n", "ws-exp", "-S", "seed=2", "prepare")
     assert (tmp_path / "data/prepared/train.jsonl").read_bytes() != first
     assert yaml.safe_load((tmp_path / "params.yaml").read_text())["seed"] == 2
+    sh("dvc", "exp", "run", "--temp", "-n", "tmp-exp", "-S", "seed=3", "prepare")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("opd").experiment_id])
+    parents = {r.data.tags["opd.pipeline_key"].rsplit("-", 1)[0]: r.info.run_id for r in runs
+               if r.data.tags.get("opd.kind") == "pipeline"}
+    assert {"exp-ws-exp", "exp-tmp-exp"} <= set(parents)
+    for key in ("exp-ws-exp", "exp-tmp-exp"):
+        assert [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[key]] == ["prepare"]
 
 
 DATA = Path(__file__).parent / "data"

@@ -66,7 +66,7 @@ def test_the_users_data_and_constitutions_are_hashed_for_dvc(tmp_path):
     import json
 
     from opd.config import load
-    from opd.stages import user_inputs
+    from opd.inputs import user_inputs
 
     data, consts = tmp_path / "rows.jsonl", tmp_path / "constitutions.json"
     data.write_text('{"id": "a"}\n')

@@ -124,16 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(Layout.here().root / "data" / "user_inputs.json",
                               json.dumps(user_inputs(params), indent=2, sort_keys=True) + "\n")
             return 0
+        if args.stage == "serve":  # a long-running deployment on the user's Prefect server (schedules need one)
+            from flows.serve import serve
+
+            serve(args.params)
+            return 0
         from tasks.prefect_api import serving
 
         with serving():  # a Prefect API for this command (and its launched ranks) that dies with it
             if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
                 return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
-            if args.stage == "serve":  # a long-running deployment, not a flow run
-                from flows.serve import serve
-
-                serve(args.params)
-                return 0
             module, _, name = STAGES[args.stage].partition(":")
             result = getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
             print(summary_line(args.stage, result), flush=True)

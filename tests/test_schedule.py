@@ -46,6 +46,7 @@ def test_serve_registers_a_scheduled_deployment_and_runs_it(tmp_path):
                         assert time.time() < deadline, "deployment never appeared"
                         await asyncio.sleep(1)
                 assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * *"]
+                assert dep.global_concurrency_limit and dep.global_concurrency_limit.limit == 1  # one run at a time
                 run = await client.create_flow_run_from_deployment(dep.id)
                 deadline = time.time() + 400
                 while True:
@@ -67,3 +68,13 @@ def test_serve_registers_a_scheduled_deployment_and_runs_it(tmp_path):
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_serve_without_a_prefect_server_says_how_to_start_one(tmp_path):
+    """Schedules never fire on a temporary API server, so serve refuses one and says what to run."""
+    env = {**os.environ, "OPD_ROOT": str(tmp_path)}
+    env.pop("PREFECT_API_URL", None)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    r = subprocess.run([sys.executable, "-m", "flows", "serve"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "prefect server start --host 127.0.0.1" in r.stderr, r.stderr[-2000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -292,16 +291,17 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     assert stages["evaluate"].data.tags["dvc.in.models/student"] == next(
         o["md5"] for o in lock["distill"]["outs"] if o["path"] == "models/student")
     # a fresh store (a new machine, another tracking.uri): DVC reruns nothing, the store is filled from its outputs
-    (proj / "mlruns.db").unlink()
-    shutil.rmtree(proj / "mlartifacts")
-    r = subprocess.run(["dvc", "repro"], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "Running stage 'evaluate'" not in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlruns.db'}", registry_uri=f"sqlite:///{proj / 'mlruns.db'}")
+    fresh = f"sqlite:///{proj / 'fresh.db'}"  # (a deleted mlruns.db would still be open in this process)
+    r = subprocess.run(["dvc", "repro"], cwd=proj, env={**env, "MLFLOW_TRACKING_URI": fresh}, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0 and "Running stage 'evaluate'" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    client = MlflowClient(tracking_uri=fresh, registry_uri=fresh)
     runs = client.search_runs([client.get_experiment_by_name("opd").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["evaluate", "pipeline", "register"]
     restored = next(r for r in runs if r.info.run_name == "evaluate")
     assert "opd.restored" in restored.data.tags and "student.reasoning_accuracy" in restored.data.metrics
     champion = client.get_model_version_by_alias("opd-student", "champion")
-    assert champion.version == "1" and champion.tags["opd.student_sha256"] == digest(proj / "models/student")
+    assert str(champion.version) == "1" and champion.tags["opd.student_sha256"] == digest(proj / "models/student")
     # the user's weights are DVC dependencies: new weights in the same folder make the teacher stage stale
     status = subprocess.run(["dvc", "status", "teacher"], cwd=proj, env=env, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout

@@ -115,14 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             worker(params)
             return 0
         if args.stage == "user-inputs":  # DVC plumbing (the user_inputs stage), not a pipeline step
-            from opd.paths import Layout
-            import json
-
-            from opd.data import atomic_write_text
+            from opd.data import write_json
             from opd.inputs import user_inputs
+            from opd.paths import Layout
 
-            atomic_write_text(Layout.here().root / "data" / "user_inputs.json",
-                              json.dumps(user_inputs(params), indent=2, sort_keys=True) + "\n")
+            write_json(Layout.here().root / "data" / "user_inputs.json", user_inputs(params))
             return 0
         if args.stage == "serve":  # a long-running deployment on the user's Prefect server (schedules need one)
             from flows.serve import serve

@@ -12,8 +12,11 @@ from tasks.evaluate import evaluate_models
 from tasks.tracking import stage_run
 
 
+INPUTS = ["data/prepared", "models/base", "models/student"]
+
+
 @flow(name="evaluate", version=__version__)
 def evaluate_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = load(params_path, overrides)
-    with stage_run("evaluate", params, inputs=["data/prepared", "models/base", "models/student"], outputs=["metrics/eval.json"]):
+    with stage_run("evaluate", params, inputs=INPUTS, outputs=["metrics/eval.json"]):
         return evaluate_models(params)

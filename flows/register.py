@@ -10,17 +10,19 @@ from prefect import flow
 from opd import __version__
 from opd.config import load
 from opd.paths import Layout
-from opd.stages import write_json
+from opd.data import write_json
 from tasks.register import promote, register_challenger
 from tasks.tracking import stage_run
+
+
+INPUTS = ["models/student", "metrics/eval.json"]
 
 
 @flow(name="register", version=__version__)
 def register_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = load(params_path, overrides)
     lay = Layout.here()
-    with stage_run("register", params, inputs=["models/student", "metrics/eval.json"],
-                   outputs=["metrics/registry.json"]):
+    with stage_run("register", params, inputs=INPUTS, outputs=["metrics/registry.json"]):
         metrics = json.loads((lay.metrics / "eval.json").read_text())["student"]
         version = register_challenger(params, lay.student, metrics, params.runtime.trust_remote_code)
         decision = promote(params)

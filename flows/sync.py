@@ -17,6 +17,7 @@ from typing import Any
 from mlflow import MlflowClient
 from prefect import flow
 
+from flows import evaluate, register
 from opd import __version__
 from opd.config import load
 from opd.data import digest
@@ -24,9 +25,6 @@ from opd.paths import Layout
 from tasks.evaluate import restore_evaluation
 from tasks.register import promote, register_challenger, registered_version
 from tasks.tracking import configure, stage_run
-
-EVAL_INPUTS = ["data/prepared", "models/base", "models/student"]
-
 
 @flow(name="sync-store", version=__version__)
 def sync_store_flow(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -38,12 +36,12 @@ def sync_store_flow(params_path: str | None = None, overrides: dict[str, Any] | 
                                                f"and tags.`opd.out.metrics/eval.json.sha256` = '{digest(lay.metrics / 'eval.json')}'")
     done: dict[str, Any] = {"evaluate": "in the store" if logged else "logged from metrics/eval.json"}
     if not logged:
-        with stage_run("evaluate", params, inputs=EVAL_INPUTS, outputs=["metrics/eval.json"]):
+        with stage_run("evaluate", params, inputs=evaluate.INPUTS, outputs=["metrics/eval.json"]):
             restore_evaluation()
     version = registered_version(params.tracking.registered_model, digest(lay.student))
     done["register"] = f"version {version} in the store" if version else "registered from models/student"
     if version is None:
-        with stage_run("register", params, inputs=["models/student", "metrics/eval.json"], outputs=[]):
+        with stage_run("register", params, inputs=register.INPUTS, outputs=[]):
             metrics = json.loads((lay.metrics / "eval.json").read_text())["student"]
             done["version"] = register_challenger(params, lay.student, metrics, params.runtime.trust_remote_code)
             done.update(promote(params))

@@ -192,6 +192,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def write_json(path: str | Path, obj: Any) -> None:
+    """Sorted, indented JSON through :func:`atomic_write_text` (the same object gives the same bytes)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def digest(path: Path) -> str:
     """sha256 over a file or a folder's files (relative names and contents, sorted), read in blocks."""
     import hashlib

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
-from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, records_to_rows
+from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, records_to_rows, write_json
 from opd.copsd import load_constitutions, teacher_view
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector, safety_tax
@@ -58,10 +58,6 @@ def content_of(*paths: Path) -> dict[str, str]:
     """Content hashes of what a run reads (the train split, the tokenizer, model folders), for checkpoint
     fingerprints: a killed run resumes only into the very same inputs, never after the data changed."""
     return {Path(p).name: digest(Path(p)) for p in paths}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- teacher stage

@@ -11,7 +11,8 @@ from prefect import task
 from opd import __version__
 from opd.config import Params
 from opd.paths import Layout
-from opd.stages import evaluate_stage, resolve, write_json
+from opd.data import write_json
+from opd.stages import evaluate_stage, resolve
 from tasks.outputs import write_metrics
 from tasks.tracking import log_dataset
 

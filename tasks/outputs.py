@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from opd.paths import Layout
-from opd.stages import write_curve, write_json
+from opd.data import write_json
+from opd.stages import write_curve
 
 CLOCK = frozenset({"seconds", "tokens_per_s"})
 

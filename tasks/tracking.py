@@ -97,6 +97,7 @@ def configure(params: Params) -> str:
 # what the pipeline writes and commits: a stage changing them neither dirties the
 # commit nor starts a new pipeline run
 OUTPUTS = ("dvc.lock", "metrics", "plots", "data/user_inputs.json")
+SOURCES = (".", *(f":(exclude){o}" for o in OUTPUTS))  # git pathspec: the project but the outputs
 
 
 def _git(*args: str) -> str:
@@ -109,7 +110,7 @@ def _git(*args: str) -> str:
 
 def git_tags() -> dict[str, str]:
     """The commit, and whether anything but the pipeline's own outputs (:data:`OUTPUTS`) differs from it."""
-    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){o}" for o in OUTPUTS))
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", *SOURCES)
     return {"git.commit": _git("rev-parse", "HEAD") or "unknown", "git.dirty": str(bool(changed))}
 
 
@@ -123,7 +124,7 @@ def pipeline_key(params: Params) -> str:
     if os.environ.get("DVC_EXP_NAME"):
         return f"exp-{os.environ['DVC_EXP_NAME']}-{os.environ.get('DVC_EXP_BASELINE_REV', '')[:8]}"
     h = hashlib.sha256()
-    diff = _git("diff", "HEAD", "--", ".", *(f":(exclude){o}" for o in OUTPUTS))
+    diff = _git("diff", "HEAD", "--", *SOURCES)
     for part in (_git("rev-parse", "HEAD"), diff, yaml.safe_dump(params.model_dump(), sort_keys=True)):
         h.update(part.encode())
     return h.hexdigest()[:16]

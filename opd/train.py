@@ -37,6 +37,10 @@ from opd.data import atomic_dir
 
 StepFn = Callable[[int], dict[str, float]]
 Optimize = Callable[[float], dict[str, float]]
+StepLogger = Callable[[int, dict[str, float]], None]
+"""Called with (step, metrics) every ``log_every`` steps. It may also have ``resume(logged)``: called
+once on resume with the logged steps the checkpoint holds, so a tracker can carry the curve up to
+the checkpoint into the new run (from the checkpoint itself: a killed run may not have sent them)."""
 STATE_FILE = "trainer_state.json"
 SUMMED = ("tokens_per_s",)  # per-rank rates add up; every other metric is averaged over ranks
 
@@ -201,7 +205,7 @@ def _save(acc: Accelerator, ckpt_dir: Path, step: int, fingerprint: str, history
 
 def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[torch.nn.Module, Optimize], StepFn],
           s: LoopSettings, ckpt_dir: Path | None = None, fingerprint: str = "",
-          on_log: Callable[[int, dict[str, float]], None] | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+          on_log: StepLogger | None = None) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """Run ``s.steps`` steps; returns the unwrapped model and the per-step metrics (global over ranks).
 
     ``step_fn_factory(prepared_model, optimize)`` builds the step function around the accelerate-
@@ -254,6 +258,8 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
             start, last_good = found_step, path
             history = json.loads((path / STATE_FILE).read_text())["history"]
             acc.print(f"resumed from {path} (step {start})")
+            if (resume := getattr(on_log, "resume", None)) is not None:
+                resume([h for h in history if h["step"] % s.log_every == 0])
             break
     step_fn = step_fn_factory(model, optimize)
     model.train()

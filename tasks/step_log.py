@@ -2,8 +2,9 @@
 
 A training step never waits on the tracking server: :class:`MetricStream` queues, a background
 thread sends, and a server that dies mid-run costs metrics, not the run (the stage still writes its
-outputs, then fails naming ``tracking.uri``). A stage that resumes after a kill carries the killed
-run's curve (``opd.continues_run``, set by :func:`tasks.tracking.open_stage_run`).
+outputs, then fails naming ``tracking.uri``). A stage that resumes from a checkpoint after a kill
+carries the curve up to that checkpoint, read from the checkpoint itself (the killed run, linked as
+``opd.continues_run`` by :func:`tasks.tracking.open_stage_run`, may not have sent its last steps).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import mlflow
@@ -35,11 +35,10 @@ class MetricStream:
         from mlflow.entities import Metric
 
         self._metric, self._prefix = Metric, prefix
-        run = mlflow.active_run()
-        self._run_id, self._continues = run.info.run_id, run.data.tags.get("opd.continues_run")
+        self._run_id = mlflow.active_run().info.run_id
         self._uri = mlflow.get_tracking_uri()
         self._client = MlflowClient(self._uri)
-        self._queue: queue.SimpleQueue[list[Any] | Callable[[], list[Any]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._max_pending, self._max_backoff = max_pending, max_backoff
         self.error: Exception | None = None
@@ -48,21 +47,9 @@ class MetricStream:
         self._thread.start()
 
     def __call__(self, step: int, metrics: dict[str, Any]) -> None:
-        if self._continues:  # a resumed run: the killed run's curve up to here comes first
-            self._queue.put(lambda run_id=self._continues: self._history_before(run_id, step))  # sent by the thread
-            self._continues = None
         ts = int(time.time() * 1000)
         self._queue.put([self._metric(f"{self._prefix}.{k}", float(v), ts, step)
                          for k, v in metrics.items() if k != "step"])
-
-    def _history_before(self, run_id: str, step: int) -> list[Any]:
-        """The killed run's metrics of this stream logged before ``step`` (where the resumed run starts),
-        so the continuing run tells the whole story; an unreachable server leaves the curve as it is."""
-        try:
-            keys = [k for k in self._client.get_run(run_id).data.metrics if k.startswith(f"{self._prefix}.")]
-            return [m for k in keys for m in self._client.get_metric_history(run_id, k) if m.step < step]
-        except Exception:
-            return []
 
     def _send_loop(self) -> None:
         pending: list[Any] = []
@@ -72,7 +59,7 @@ class MetricStream:
             with contextlib.suppress(queue.Empty):
                 item = self._queue.get(timeout=0.2)
                 while True:
-                    pending += item() if callable(item) else item
+                    pending += item
                     item = self._queue.get_nowait()
             if len(pending) > self._max_pending:
                 self.dropped += len(pending) - self._max_pending
@@ -120,6 +107,13 @@ class StepLog:
         self._logger.info(f"{self._stage} step {step}: " + ", ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("step", "lr")))
         self._stream(step, metrics)
+
+    def resume(self, logged: list[dict[str, Any]]) -> None:
+        """Training resumed from a checkpoint: its logged steps start this run's curve."""
+        self._logger.info(f"{self._stage}: resumed after step {logged[-1]['step'] if logged else 0}; "
+                          f"{len(logged)} logged steps carried from the checkpoint")
+        for metrics in logged:
+            self._stream(metrics["step"], metrics)
 
     def __enter__(self) -> StepLog:
         return self

@@ -308,10 +308,18 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(base, tmp_pa
     newest = ck / "step-000003"
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
-    ran = []
+    ran, carried = [], []
+
+    class Log:  # a tracker's callback: the curve up to the checkpoint comes from the checkpoint itself
+        def __call__(self, step, metrics):
+            ran.append(step)
+
+        def resume(self, logged):
+            carried.extend((m["step"], m["loss"]) for m in logged)
+
     with pytest.warns(UserWarning, match=r"step-000003 is damaged \(model.safetensors has 100 bytes"):
-        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "a", ck,
-                      lambda step, m: ran.append(step))
-    distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "b", tmp_path / "ck-b")
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "a", ck, Log())
+    _, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "b", tmp_path / "ck-b")
     assert ran == [3, 4, 5]  # resumed from step-000002
+    assert carried == [(h["step"], h["loss"]) for h in history[:2]]
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()

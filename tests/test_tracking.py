@@ -249,7 +249,8 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     the test: small Llamas with their own tokenizer and chat template) and the distill stage under 2
     processes: prepare takes the models' tokenizer, the teacher stage trains nothing yet writes every
     declared output, cross_sft is skipped for opd, one student and one distill run reach MLflow (rank
-    0's), the lineage tags match dvc.lock."""
+    0's), the lineage tags match dvc.lock. Run as ``make run`` does (every stage on one Prefect API);
+    the second, fresh-store pass is a plain ``dvc repro`` (its stage starts its own)."""
     from tests.test_prepare import copy_repo
     from tests.test_user_models import make_folders
 
@@ -263,7 +264,8 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     for k in ("OPD_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(k, None)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], ["dvc", "repro"]):
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+                [sys.executable, "-m", "flows", "with-api", "--", "dvc", "repro"]):  # as `make run`: one Prefect API
         r = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{cmd}: {r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert json.loads((proj / "metrics/registry.json").read_text())["promoted"] is True

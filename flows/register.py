@@ -23,8 +23,8 @@ def register_flow(params_path: str | None = None, overrides: dict[str, Any] | No
     params = load(params_path, overrides)
     lay = Layout.here()
     with stage_run("register", params, inputs=INPUTS, outputs=["metrics/registry.json"]):
-        metrics = json.loads((lay.metrics / "eval.json").read_text())["student"]
-        version = register_challenger(params, lay.student, metrics, params.runtime.trust_remote_code)
+        evaluation = json.loads((lay.metrics / "eval.json").read_text())
+        version = register_challenger(params, lay.student, evaluation)
         decision = promote(params)
         result = {"registered_model": params.tracking.registered_model, "version": version, **decision}
         write_json(lay.metrics / "registry.json", result)

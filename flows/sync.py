@@ -42,7 +42,7 @@ def sync_store_flow(params_path: str | None = None, overrides: dict[str, Any] | 
     done["register"] = f"version {version} in the store" if version else "registered from models/student"
     if version is None:
         with stage_run("register", params, inputs=register.INPUTS, outputs=[]):
-            metrics = json.loads((lay.metrics / "eval.json").read_text())["student"]
-            done["version"] = register_challenger(params, lay.student, metrics, params.runtime.trust_remote_code)
+            evaluation = json.loads((lay.metrics / "eval.json").read_text())
+            done["version"] = register_challenger(params, lay.student, evaluation)
             done.update(promote(params))
     return done

@@ -26,7 +26,9 @@ from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step,
 from opd.evaluate import evaluate_model, load_detector, safety_tax
 from opd.models import (build_llama, check_compatible, count_parameters, evenly_spaced, load_model, load_tokenizer,
                         prune_layers, save_model)
-from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend
+from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend, stop_ids
+from opd.model_card import model_card, shown
+from opd.paths import Layout
 from opd.templates import template_gap
 from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
@@ -57,7 +59,7 @@ def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
 def content_of(*paths: Path) -> dict[str, str]:
     """Content hashes of what a run reads (the train split, the tokenizer, model folders), for checkpoint
     fingerprints: a killed run resumes only into the very same inputs, never after the data changed."""
-    return {Path(p).name: digest(Path(p)) for p in paths}
+    return {f"{i}:{Path(p).name}": digest(Path(p)) for i, p in enumerate(paths)}  # two folders may share a name
 
 
 # ----------------------------------------------------------------------------- teacher stage
@@ -254,15 +256,20 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
                             resume=d.resume, seed=params.seed, log_every=d.log_every, label=f"distill ({d.method})",
                             updates_per_step=d.ppo_epochs * d.mini_batches if d.method in ("opd", "fire", "copsd") else 1)
-    fp = fingerprint_of(to_flat_dict(params), content_of(prepared / "train.jsonl", prepared / "tokenizer", s_path,
-                                                          *paths.values()))
+    read = [prepared / "train.jsonl", prepared / "tokenizer", s_path, *paths.values()]
+    hashes = content_of(*read)
+    fp = fingerprint_of(to_flat_dict(params), hashes)
     t0 = time.perf_counter()
     model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
-    save_trained(acc, model, tok, out)
-    if acc.is_main_process:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
                "processes": acc.num_processes, "template": template, "final": history[-1] if history else {}}
+    root = Layout.here().root
+    card = model_card(params, t_path, s_path, summary, root=root,
+                      lineage={f"`{shown(p, root)}` (sha256)": h for p, h in zip(read, hashes.values(), strict=True)},
+                      stop_tokens=tok.convert_ids_to_tokens(stop_ids(tok, student)))
+    save_trained(acc, model, tok, out, files={"README.md": card})
+    if acc.is_main_process:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary, history
 
 

@@ -120,14 +120,18 @@ def reduce_metrics(acc: Accelerator, metrics: dict[str, float]) -> dict[str, flo
     return {k: float(v) if k in SUMMED else float(v) / acc.num_processes for k, v in zip(keys, vals.cpu(), strict=True)}
 
 
-def save_trained(acc: Accelerator, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str | Path) -> None:
-    """Write the trained model (safetensors) and tokenizer from the main process only, through an atomic
-    folder swap. The full state dict is gathered on every rank first (a collective under FSDP)."""
+def save_trained(acc: Accelerator, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str | Path,
+                 files: dict[str, str] | None = None) -> None:
+    """Write the trained model (safetensors), tokenizer and any text ``files`` (a model card) from the
+    main process only, through one atomic folder swap. The full state dict is gathered on every rank
+    first (a collective under FSDP)."""
     state = acc.get_state_dict(model)
     if acc.is_main_process:
         with atomic_dir(out) as tmp:
             acc.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tok.save_pretrained(tmp)
+            for name, text in (files or {}).items():
+                (Path(tmp) / name).write_text(text, encoding="utf-8")
     acc.wait_for_everyone()
 
 

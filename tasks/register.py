@@ -15,8 +15,11 @@ from prefect import task
 from opd import __version__
 from opd.config import Params
 from opd.data import digest
+from opd.model_card import with_evaluation
 from opd.models import load_model, load_tokenizer
 from opd.promotion import gate
+from opd.rollout import stop_ids
+from tasks.tracking import git_tags
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 STUDENT_SHA = "opd.student_sha256"  # the version tag that names the exact student (opd.data.digest of its folder)
@@ -31,12 +34,23 @@ def _requirements() -> list[str]:
             f"accelerate=={accelerate.__version__}", "safetensors"]
 
 
-def log_student_model(path: Path, trust_remote_code: bool = False) -> str:
-    """The student in MLflow's transformers flavour, as an artifact of the active run; returns its URI."""
-    model, tok = load_model(path, trust_remote_code), load_tokenizer(path, trust_remote_code)
+def log_student_model(path: Path, params: Params, card: str, metrics: dict[str, float]) -> tuple[str, str]:
+    """The student in MLflow's transformers flavour, as a chat model (``llm/v1/chat``: the pyfunc
+    applies the tokenizer's chat template to ``messages`` and decodes as the evaluation did, greedy,
+    ``evaluate.max_new_tokens``, stopping at the model's stop ids), with its card and its evaluation
+    as the logged model's metrics (shown and sortable on the registered version). Returns (model URI,
+    card)."""
+    from huggingface_hub import ModelCard
+
+    trust = params.runtime.trust_remote_code
+    model, tok = load_model(path, trust), load_tokenizer(path, trust)
+    generation = {"max_new_tokens": params.evaluate.max_new_tokens, "do_sample": False,
+                  "eos_token_id": stop_ids(tok, model), "pad_token_id": tok.pad_token_id}
     info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tok}, name="student",
-                                         task="text-generation", pip_requirements=_requirements())
-    return info.model_uri
+                                         task="llm/v1/chat", model_config=generation, model_card=ModelCard(card),
+                                         pip_requirements=_requirements())
+    mlflow.log_metrics({f"eval.{k}": v for k, v in metrics.items()}, model_id=info.model_id)
+    return info.model_uri, card
 
 
 def registered_version(name: str, student_sha: str) -> str | None:
@@ -49,17 +63,26 @@ def registered_version(name: str, student_sha: str) -> str | None:
 
 
 @task(name="register-challenger", version=__version__, retries=2, retry_delay_seconds=5)
-def register_challenger(params: Params, student: Path, metrics: dict[str, float], trust_remote_code: bool = False) -> str:
+def register_challenger(params: Params, student: Path, evaluation: dict[str, dict[str, float]]) -> str:
     """The student as the `challenger` version: a new version, unless one already holds this very
-    student (same content hash: a rerun, a scheduled run of unchanged inputs), which is reused."""
+    student (same content hash: a rerun, a scheduled run of unchanged inputs), which is reused. The
+    version's description is the student's model card with ``evaluation`` (``metrics/eval.json``)."""
     name, sha = params.tracking.registered_model, digest(student)
     version = registered_version(name, sha)
     if version is None:
-        run = mlflow.active_run()
+        run, metrics = mlflow.active_run(), evaluation["student"]
+        readme = student / "README.md"
+        git = git_tags()
+        card = with_evaluation(readme.read_text() if readme.is_file() else "", params, evaluation, {
+            "student folder (sha256)": sha, "MLflow run": run.info.run_id if run else "",
+            "git commit": git["git.commit"] + (" (with uncommitted changes)" if git["git.dirty"] == "True" else "")})
+        uri, card = log_student_model(student, params, card, metrics)
         tags = {f"eval.{k}": f"{v:.6f}" for k, v in metrics.items()} | {
             "opd.version": __version__, "opd.method": params.distill.method,
             "opd.source_run": run.info.run_id if run else "", STUDENT_SHA: sha}
-        version = str(mlflow.register_model(log_student_model(student, trust_remote_code), name, tags=tags).version)
+        registered = mlflow.register_model(uri, name, tags=tags)
+        version = str(registered.version)
+        MlflowClient().update_model_version(name, version, description=card)
     MlflowClient().set_registered_model_alias(name, CHALLENGER, version)
     return version
 

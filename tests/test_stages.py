@@ -92,6 +92,26 @@ def test_distill_then_evaluate(base, tmp_path, overrides):
         assert 0 <= m["reasoning_accuracy"] <= 1 and samples[name]
 
 
+def test_the_student_folder_carries_a_deterministic_model_card(base, tmp_path, monkeypatch):
+    """``models/student/README.md``: method, settings, the models it came from and the inputs by hash,
+    with paths relative to the project (the folder is a DVC output: the same bytes on every machine)."""
+    from opd.data import digest
+
+    root, lay, _, _ = base
+    monkeypatch.setenv("OPD_ROOT", str(root))
+    params = load(root / "params.yaml", {"distill.method": "fire", "distill.steps": 2})
+    cards = []
+    for run in ("a", "b"):
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / run, tmp_path / f"ck-{run}")
+        cards.append((tmp_path / run / "README.md").read_text())
+    card = cards[0]
+    assert cards[0] == cards[1] and str(root) not in card
+    assert card.startswith("---\nlibrary_name: transformers\n") and "# Distilled student (fire)" in card
+    assert "- Teacher: `models/base/teacher`" in card and "| fire.filter_quantile |" in card and "| copsd." not in card
+    assert f"| `data/prepared/train.jsonl` (sha256) | {digest(lay.prepared / 'train.jsonl')} |" in card
+    assert "Not evaluated when this folder was written" in card
+
+
 @pytest.mark.parametrize("include_self", [True, False])
 def test_cross_sft_then_copsd_then_evaluate(base, tmp_path, include_self):
     """The COPSD path end to end: recalibrate the teacher, distil against it, report the safety tax."""

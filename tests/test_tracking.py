@@ -203,8 +203,20 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     challenger = client.get_model_version_by_alias("opd-student", "challenger")
     assert champion.version == challenger.version == "1"
     assert "eval.reasoning_accuracy" in champion.tags and champion.tags["promotion"] == "promoted"
-    loaded = mlflow.transformers.load_model("models:/opd-student@champion", return_type="components")
-    assert "model" in loaded and "tokenizer" in loaded
+    assert champion.description.startswith("---\nlibrary_name: transformers")  # the model card, with the evaluation
+    assert "| reasoning_accuracy |" in champion.description and commit in champion.description
+    logged = client.get_logged_model(champion.source.removeprefix("models:/"))  # the version's model: its metrics
+    assert any(m.key == "eval.reasoning_accuracy" for m in logged.metrics)
+    generations = json.loads(Path(client.download_artifacts(stages["evaluate"].info.run_id, "generations.json",
+                                                            str(project))).read_text())
+    assert {"reference", "correct", "refused", "response"} <= set(generations["columns"])
+    # the champion as a chat model: its chat template, the evaluation's decoding, the same answer
+    samples = json.loads((project / "plots/eval_samples.json").read_text())["student"]
+    sample = next(s for s in samples if s["task"] == "general")
+    mlflow.set_registry_uri(mlflow_server)
+    chat = mlflow.pyfunc.load_model("models:/opd-student@champion")
+    out = chat.predict({"messages": [{"role": "user", "content": sample["prompt"]}]})
+    assert out[0]["choices"][0]["message"]["content"] == sample["response"].strip()
     # Prefect: every unit of work is a task run, down to the four units of each distillation step
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId

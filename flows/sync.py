@@ -33,7 +33,7 @@ def sync_store_flow(params_path: str | None = None, overrides: dict[str, Any] | 
     exp_id = configure(params)
     logged = MlflowClient().search_runs(
         [exp_id], max_results=1, filter_string="tags.`opd.stage` = 'evaluate' and attributes.status = 'FINISHED' "
-                                               f"and tags.`opd.out.metrics/eval.json.sha256` = '{digest(lay.metrics / 'eval.json')}'")
+                                               f"and tags.`dvc.out.metrics/eval.json` = '{digest(lay.metrics / 'eval.json')}'")
     done: dict[str, Any] = {"evaluate": "in the store" if logged else "logged from metrics/eval.json"}
     if not logged:
         with stage_run("evaluate", params, inputs=evaluate.INPUTS, outputs=["metrics/eval.json"]):

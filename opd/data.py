@@ -18,6 +18,7 @@ by the prepare stage, so they are reported all at once with example ids.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -178,12 +179,17 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file through a temp file and a rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file through a temp file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -198,17 +204,23 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def digest(path: Path) -> str:
-    """sha256 over a file or a folder's files (relative names and contents, sorted), read in blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
+    """The content hash DVC records in dvc.lock: md5 of a file, or of a folder's sorted
+    ``[{"md5", "relpath"}]`` listing with ``.dir`` appended. Why DVC's scheme: every hash the
+    pipeline shows (MLflow lineage tags, the registry, the model card) can be matched against dvc.lock
+    and against each other, also for runs made outside DVC (the Prefect pipeline, a schedule)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+    if path.is_file():
+        return _md5_file(path)
+    listing = sorted(({"md5": _md5_file(f), "relpath": f.relative_to(path).as_posix()}
+                      for f in path.rglob("*") if f.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode(), usedforsecurity=False).hexdigest() + ".dir"
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 

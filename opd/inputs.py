@@ -34,5 +34,5 @@ def user_inputs(params: Params) -> dict[str, dict[str, str]]:
         if not (p.is_dir() if folder else p.exists()):
             raise FileNotFoundError(f"{setting} {path}: {'no such model folder' if folder else 'does not exist'}")
         full, root = p.resolve(), Layout.here().root
-        out[name] = {"path": str(full.relative_to(root) if full.is_relative_to(root) else full), "sha256": digest(p)}
+        out[name] = {"path": str(full.relative_to(root) if full.is_relative_to(root) else full), "md5": digest(p)}
     return out

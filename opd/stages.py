@@ -265,7 +265,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                "processes": acc.num_processes, "template": template, "final": history[-1] if history else {}}
     root = Layout.here().root
     card = model_card(params, t_path, s_path, summary, root=root,
-                      lineage={f"`{shown(p, root)}` (sha256)": h for p, h in zip(read, hashes.values(), strict=True)},
+                      lineage={f"`{shown(p, root)}` (md5)": h for p, h in zip(read, hashes.values(), strict=True)},
                       stop_tokens=tok.convert_ids_to_tokens(stop_ids(tok, student)))
     save_trained(acc, model, tok, out, files={"README.md": card})
     if acc.is_main_process:

@@ -11,9 +11,9 @@ from opd import __version__
 from opd.config import Params
 from opd.cross_sft import cross_sft_stage
 from opd.paths import Layout
-from tasks.outputs import write_metrics, write_steps
+from tasks.outputs import plot_curves, write_metrics, write_steps
 from tasks.step_log import StepLog
-from tasks.tracking import log_curves, log_dataset
+from tasks.tracking import log_dataset
 
 
 @task(name="cross-sft", version=__version__)
@@ -25,10 +25,11 @@ def recalibrate_teacher(params: Params) -> dict[str, Any]:
                                            lay.checkpoints / "cross_sft", log)
         write_steps(lay.plots / "cross_sft.csv", history)
         write_metrics(lay.metrics / "cross_sft.json", summary)
+        plot_curves(lay.plots / "cross_sft.png", history, ["loss", "grad_norm"], "Cross-SFT of the teacher")
+    mlflow.log_artifact(str(lay.plots / "cross_sft.png"), "plots")
     if "skipped" in summary:
         mlflow.set_tag("opd.skipped", summary["skipped"])
         return summary
-    log_curves(history, ["loss", "grad_norm"], "Cross-SFT of the teacher", "plots/cross_sft.png")
     mlflow.log_metrics({f"mix.{k}": v for k, v in summary["mix"].items()}
                        | {f"mix.task.{k}": v for k, v in summary["mix_by_task"].items()}
                        | {f"self_sampling.{k}": v for k, v in summary["self_sampling"].items()})

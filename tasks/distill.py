@@ -14,9 +14,9 @@ from opd.config import Params
 from opd.distill import inline
 from opd.paths import Layout
 from opd.stages import distill_stage
-from tasks.outputs import write_metrics, write_steps
+from tasks.outputs import plot_curves, write_metrics, write_steps
 from tasks.step_log import StepLog
-from tasks.tracking import log_curves, log_dataset
+from tasks.tracking import log_dataset
 
 CURVES = ["loss", "reverse_kl", "teacher_logprob", "response_length", "kept_frac", "weight_mean",
           "teacher_entropy", "student_entropy", "reward_mean", "tokens_per_s"]
@@ -39,7 +39,8 @@ def distill_student(params: Params) -> dict[str, Any]:
                                          unit=step_task if params.distill.step_tasks else inline)
         write_steps(lay.plots / "distill.csv", history)
         write_metrics(lay.metrics / "distill.json", summary)
-    log_curves(history, CURVES, f"distill ({params.distill.method})", "plots/distill.png")
+        plot_curves(lay.plots / "distill.png", history, CURVES, f"distill ({params.distill.method})")
+    mlflow.log_artifact(str(lay.plots / "distill.png"), "plots")
     mlflow.log_metric("distill.seconds", summary["seconds"])
     mlflow.log_metrics({f"distill.{k}": v for k, v in summary["template"].items()})
     return summary

@@ -22,7 +22,7 @@ from opd.rollout import stop_ids
 from tasks.tracking import git_tags
 
 CHALLENGER, CHAMPION = "challenger", "champion"
-STUDENT_SHA = "opd.student_sha256"  # the version tag that names the exact student (opd.data.digest of its folder)
+STUDENT_MD5 = "opd.student_md5"  # the version tag naming the exact student: its folder's DVC md5 (as in dvc.lock)
 
 
 def _requirements() -> list[str]:
@@ -53,10 +53,10 @@ def log_student_model(path: Path, params: Params, card: str, metrics: dict[str, 
     return info.model_uri, card
 
 
-def registered_version(name: str, student_sha: str) -> str | None:
+def registered_version(name: str, student_md5: str) -> str | None:
     """The version of ``name`` that holds exactly this student (by content hash), if any."""
     try:
-        found = MlflowClient().search_model_versions(f"name = '{name}' and tags.`{STUDENT_SHA}` = '{student_sha}'")
+        found = MlflowClient().search_model_versions(f"name = '{name}' and tags.`{STUDENT_MD5}` = '{student_md5}'")
     except MlflowException:  # no such registered model yet
         return None
     return str(min(int(v.version) for v in found)) if found else None
@@ -67,19 +67,19 @@ def register_challenger(params: Params, student: Path, evaluation: dict[str, dic
     """The student as the `challenger` version: a new version, unless one already holds this very
     student (same content hash: a rerun, a scheduled run of unchanged inputs), which is reused. The
     version's description is the student's model card with ``evaluation`` (``metrics/eval.json``)."""
-    name, sha = params.tracking.registered_model, digest(student)
-    version = registered_version(name, sha)
+    name, md5 = params.tracking.registered_model, digest(student)
+    version = registered_version(name, md5)
     if version is None:
         run, metrics = mlflow.active_run(), evaluation["student"]
         readme = student / "README.md"
         git = git_tags()
         card = with_evaluation(readme.read_text() if readme.is_file() else "", params, evaluation, {
-            "student folder (sha256)": sha, "MLflow run": run.info.run_id if run else "",
+            "`models/student` (md5)": md5, "MLflow run": run.info.run_id if run else "",
             "git commit": git["git.commit"] + (" (with uncommitted changes)" if git["git.dirty"] == "True" else "")})
         uri, card = log_student_model(student, params, card, metrics)
         tags = {f"eval.{k}": f"{v:.6f}" for k, v in metrics.items()} | {
             "opd.version": __version__, "opd.method": params.distill.method,
-            "opd.source_run": run.info.run_id if run else "", STUDENT_SHA: sha}
+            "opd.source_run": run.info.run_id if run else "", STUDENT_MD5: md5}
         registered = mlflow.register_model(uri, name, tags=tags)
         version = str(registered.version)
         MlflowClient().update_model_version(name, version, description=card)

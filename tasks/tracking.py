@@ -7,7 +7,7 @@ does, else a hash of the git commit, the uncommitted diff and params.yaml): the 
 ``dvc repro`` land under one parent.
 
 Lineage tags on each stage run: git commit and dirty flag, the DVC hashes (from dvc.lock) of the
-stage's inputs that an upstream stage produced, a sha256 of each output it wrote, the Prefect flow
+stage's inputs (``dvc.in.*``) and of each output it wrote (``dvc.out.*``), the Prefect flow
 run id, the task version, and (through ``mlflow.parentRunId``) the pipeline run. A failing stage
 is marked FAILED with the error as the ``opd.error`` tag, and so is its pipeline run. A run left
 RUNNING by a killed process (its host and pid are tags) is closed as KILLED by the next run of its
@@ -156,17 +156,12 @@ def parent_run(params: Params, exp_id: str) -> str:
     return found[0].info.run_id if found else start_pipeline_run(params, exp_id, key)
 
 
-def dvc_input_hashes(inputs: list[str]) -> dict[str, str]:
-    """md5 of each input as recorded in dvc.lock by the stage that produced it."""
-    lock = Layout.here().root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    outs: dict[str, str] = {}
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for o in stage.get("outs", []):
-            if "md5" in o:
-                outs[o["path"]] = o["md5"]
-    return {f"dvc.in.{p}": outs[p] for p in inputs if p in outs}
+def dvc_hashes(kind: str, paths: list[str]) -> dict[str, str]:
+    """``dvc.<kind>.<path>``: the DVC md5 (:func:`opd.data.digest`) of each path as it is now, so a
+    stage's inputs match the outputs of the stage that wrote them and dvc.lock, also when the stage
+    runs outside DVC (the Prefect pipeline, a schedule) and dvc.lock describes another state."""
+    root = Layout.here().root
+    return {f"dvc.{kind}.{p}": digest(root / p) for p in paths if (root / p).exists()}
 
 
 def _prefect_flow_run_id() -> str:
@@ -226,7 +221,7 @@ def open_stage_run(stage: str, params: Params, inputs: list[str]) -> tuple[str, 
     settings = params_hash(params)
     tags = {"opd.stage": stage, "opd.version": __version__, "prefect.flow_run_id": _prefect_flow_run_id(),
             "opd.parent_run_id": parent, "mlflow.parentRunId": parent, "opd.host": socket.gethostname(),
-            "opd.pid": str(os.getpid()), "opd.params_sha": settings, **git_tags(), **dvc_input_hashes(inputs)}
+            "opd.pid": str(os.getpid()), "opd.params_sha": settings, **git_tags(), **dvc_hashes("in", inputs)}
     run = client.create_run(exp_id, run_name=stage, tags=tags)
     killed = close_killed_runs(client, exp_id, stage, settings, run.info.run_id)
     if killed:
@@ -264,14 +259,12 @@ def stage_run(stage: str, params: Params, inputs: list[str], outputs: list[str])
         with contextlib.suppress(Exception):
             mlflow.end_run("FAILED")
         raise
-    root = Layout.here().root
-    close_stage_run(run_id, parent, {f"opd.out.{o}.sha256": digest(root / o) for o in outputs
-                                     if (root / o).exists()}, "FINISHED")
+    close_stage_run(run_id, parent, dvc_hashes("out", outputs), "FINISHED")
     mlflow.end_run()
 
 
 def log_dataset(prepared: Path, split: str) -> None:
-    """Attach a prepared split to the active run: its source, the row schema and a sha256 digest of
+    """Attach a prepared split to the active run: its source, the row schema and the DVC md5 of
     the file (read in blocks: a large split is never loaded to be logged)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset

@@ -108,7 +108,7 @@ def test_the_student_folder_carries_a_deterministic_model_card(base, tmp_path, m
     assert cards[0] == cards[1] and str(root) not in card
     assert card.startswith("---\nlibrary_name: transformers\n") and "# Distilled student (fire)" in card
     assert "- Teacher: `models/base/teacher`" in card and "| fire.filter_quantile |" in card and "| copsd." not in card
-    assert f"| `data/prepared/train.jsonl` (sha256) | {digest(lay.prepared / 'train.jsonl')} |" in card
+    assert f"| `data/prepared/train.jsonl` (md5) | {digest(lay.prepared / 'train.jsonl')} |" in card
     assert "Not evaluated when this folder was written" in card
 
 

@@ -183,8 +183,15 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
         assert run.info.status == "FINISHED", name
         assert t["git.commit"] == commit and t["git.dirty"] in ("True", "False")
         assert len(t["prefect.flow_run_id"]) == 36 and t["opd.version"] and t["opd.stage"] == name
-        assert any(k.startswith("opd.out.") and k.endswith(".sha256") for k in t), name
+        assert any(k.startswith("dvc.out.") for k in t), name
         assert run.data.params["distill.method"] == "opd"
+    # lineage outside DVC: each stage's inputs are the hashes the upstream stage's outputs had (DVC's md5)
+    from opd.data import digest
+
+    for producer, consumer, path in (("prepare", "distill", "data/prepared"), ("teacher", "evaluate", "models/base"),
+                                     ("distill", "evaluate", "models/student"), ("evaluate", "register", "metrics/eval.json")):
+        out = stages[producer].data.tags[f"dvc.out.{path}"]
+        assert stages[consumer].data.tags[f"dvc.in.{path}"] == out == digest(project / path), (producer, consumer)
     # per-step metrics, eval metrics, artifacts, datasets, GX result
     dist = stages["distill"].info.run_id
     assert len(client.get_metric_history(dist, "distill.loss")) == tiny()["distill"]["steps"]
@@ -302,8 +309,15 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
     prepared_md5 = next(o["md5"] for o in lock["prepare"]["outs"] if o["path"] == "data/prepared")
     assert stages["distill"].data.tags["dvc.in.data/prepared"] == prepared_md5
+    assert stages["distill"].data.tags["dvc.out.models/student"] == next(
+        o["md5"] for o in lock["distill"]["outs"] if o["path"] == "models/student")
     assert stages["evaluate"].data.tags["dvc.in.models/student"] == next(
         o["md5"] for o in lock["distill"]["outs"] if o["path"] == "models/student")
+    # the plots are PNGs: `dvc plots show` writes a page that needs no network (vega pages load a CDN)
+    r = subprocess.run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], cwd=proj, env=env, capture_output=True,
+                       text=True, timeout=120)
+    page = (tmp_path / "plots/index.html").read_text()
+    assert r.returncode == 0 and "http" not in page.replace('http-equiv', '') and page.count("<img") == 5, page[:2000]
     # a fresh store (a new machine, another tracking.uri): DVC reruns nothing, the store is filled from its outputs
     fresh = f"sqlite:///{proj / 'fresh.db'}"  # (a deleted mlruns.db would still be open in this process)
     r = subprocess.run(["dvc", "repro"], cwd=proj, env={**env, "MLFLOW_TRACKING_URI": fresh}, capture_output=True,
@@ -315,7 +329,7 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     restored = next(r for r in runs if r.info.run_name == "evaluate")
     assert "opd.restored" in restored.data.tags and "student.reasoning_accuracy" in restored.data.metrics
     champion = client.get_model_version_by_alias("opd-student", "champion")
-    assert str(champion.version) == "1" and champion.tags["opd.student_sha256"] == digest(proj / "models/student")
+    assert str(champion.version) == "1" and champion.tags["opd.student_md5"] == digest(proj / "models/student")
     # the user's weights are DVC dependencies: new weights in the same folder make the teacher stage stale
     status = subprocess.run(["dvc", "status", "teacher"], cwd=proj, env=env, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout

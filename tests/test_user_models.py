@@ -76,5 +76,5 @@ def test_the_users_data_and_constitutions_are_hashed_for_dvc(tmp_path):
     assert set(before) == {"data", "constitutions"}
     data.write_text('{"id": "b"}\n')
     after = user_inputs(params)
-    assert after["data"]["sha256"] != before["data"]["sha256"] and after["constitutions"] == before["constitutions"]
+    assert after["data"]["md5"] != before["data"]["md5"] and after["constitutions"] == before["constitutions"]
     assert user_inputs(load(None, {})) == {}  # the embedded world has no user inputs

@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     captured: dict = {}
     real = stages.save_trained
 
-    def keep(acc, model, tok, out):
+    def keep(acc, model, tok, out, files=None):
         flat = torch.cat([p.detach().float().flatten().cpu() for p in acc.unwrap_model(model).parameters()])
         if acc.num_processes > 1:
             others = [torch.zeros_like(flat) for _ in range(acc.num_processes)]
@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
             captured["rank_diff"] = max(float((o.cpu() - flat).abs().max()) for o in others)
         else:
             captured["rank_diff"] = 0.0
-        real(acc, model, tok, out)
+        real(acc, model, tok, out, files)
 
     stages.save_trained = keep
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,10 +57,10 @@ def methods(root: Path, out: Path) -> None:
         saved = {}
         real = stages.save_trained
 
-        def keep(acc, model, tok, path, saved=saved, real=real):
+        def keep(acc, model, tok, path, files=None, saved=saved, real=real):
             saved["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             saved["rank"] = acc.process_index
-            real(acc, model, tok, path)
+            real(acc, model, tok, path, files)
 
         stages.save_trained = keep
         from opd.models import load_tokenizer

@@ -38,7 +38,7 @@ ui: install
 	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns.db
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: most of the suite waits on subprocesses and servers
 
 clean:
 	rm -rf $(VENV) .prefect .cache

@@ -30,7 +30,8 @@ Throughput is generated response tokens per second over the timed steps (after `
 peak memory is the growth of resident memory (CPU) or ``max_memory_allocated`` (GPU) from just
 before the first step. The script also checks that the engine's generalised JSD equals TRL's
 ``generalized_jsd_loss`` on the same logits (float64, beta 0 / 0.5 / 1, masked tokens).
-Prints a table and writes ``benchmarks/results/opd_step.json``.
+Prints a table, the engine-opd step's seconds by unit (rollout, teacher score, shape, update), and
+writes ``benchmarks/results/opd_step.json``.
 """
 
 from __future__ import annotations
@@ -120,11 +121,22 @@ def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, flo
     d = DistillConfig(method="gkd" if method == "gkd" else "opd", loss="reverse_kl", lambda_on_policy=1.0, temperature=1.0,
                       prompts_per_step=BATCH, lr=LR)
 
+    units: dict[str, float] = {}  # seconds per unit of the timed opd steps (rollout, score, shape, update)
+
+    def timed(name, fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            if peak:  # after the warmup steps
+                units[name] = units.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return run
+
     def factory(m, optimize):
         backend = TransformersBackend(m, tok, rcfg)
         if method == "gkd":
             return gkd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg)
-        return opd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg, optimize)
+        return opd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg, optimize, unit=timed)
 
     marks: list[tuple[float, float]] = []  # (time, tokens) after each step
     peak: list[Peak] = []
@@ -135,9 +147,9 @@ def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, flo
             peak.append(Peak())
 
     train(acc, student, factory, LoopSettings(steps=warmup + steps, lr=LR, seed=seed, log_every=1), on_log=log)
-    timed = marks[warmup:]
-    return {"seconds": timed[-1][0] - marks[warmup - 1][0], "tokens": sum(t for _, t in timed),
-            "peak_mb": peak[0].read()}
+    timed_marks = marks[warmup:]
+    return {"seconds": timed_marks[-1][0] - marks[warmup - 1][0], "tokens": sum(t for _, t in timed_marks),
+            "peak_mb": peak[0].read(), "units": {k: v / steps for k, v in units.items()}}
 
 
 def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd") -> dict[str, float]:
@@ -275,6 +287,12 @@ def main() -> None:
         ratio = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         print(f"{side:11s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
               f"{s['s_per_step']:6.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {ratio}")
+    for side, rs in runs.items():  # where an engine step's time goes (opd: its four units)
+        per = {k: statistics.median(x["units"][k] for x in rs) for k in rs[0].get("units", {})}
+        if per:
+            summary[side]["s_per_unit"] = per
+            total = sum(per.values())
+            print(f"{side} s/step by unit: " + ", ".join(f"{k} {v:.3f} ({v / total:.0%})" for k, v in per.items()))
     print("\nengine GKD loss vs TRL generalized_jsd_loss, max |diff| (float64):",
           ", ".join(f"{k}: {v:.1e}" for k, v in check.items()))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

@@ -54,7 +54,8 @@ def _evaluation(params: Params, evaluation: dict[str, dict[str, float]] | None) 
     if not evaluation:
         return ["Not evaluated when this folder was written: the evaluate stage writes `metrics/eval.json`, "
                 "and the registered version's card carries the table."]
-    names = list(evaluation)
+    order = ["student", "student_init", "teacher"]  # the card's model first, then what it came from
+    names = sorted(evaluation, key=lambda n: (order.index(n) if n in order else len(order), n))
     metrics = sorted({m for ms in evaluation.values() for m in ms})
     return [f"On the eval split (greedy, at most {params.evaluate.max_new_tokens} new tokens):", "",
             *_table(["metric", *names], [[m, *(evaluation[n].get(m, "") for n in names)] for m in metrics])]

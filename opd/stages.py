@@ -223,11 +223,18 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                                  "prompts_per_step": c.prompts_per_step})
     pool = PromptPool(rows, tok, toks, teacher_view=view, route=route)
     pool.check_fits(context_of(student), {n: context_of(t) for n, t in teachers.items()}, params.rollout.max_new_tokens)
-    template = template_gap(teachers["default"], toks["default"], tok, rows, chunk=d.chunk_size)
-    if not template["template_match"] and acc.is_main_process:
-        warnings.warn(f"teacher and student chat templates differ: each reads prompts through its own; the teacher's "
-                      f"mean log-prob of reference answers is {template['teacher_logprob_own_template']} after its "
-                      f"own template and {template['teacher_logprob_student_template']} after the student's", stacklevel=1)
+    template: dict[str, float] = {}  # the default teacher's keys as they are, a routed teacher's as "<name>.<key>"
+    for name, teacher in teachers.items():
+        routed = [r for r in rows if route(r) == name]
+        if not routed:
+            continue
+        gap = template_gap(teacher, toks[name], tok, routed, chunk=d.chunk_size)
+        template |= gap if name == "default" else {f"{name}.{k}": v for k, v in gap.items()}
+        if not gap["template_match"] and acc.is_main_process:
+            warnings.warn(f"teacher {name!r} and the student have different chat templates: each reads prompts through "
+                          f"its own; the teacher's mean log-prob of reference answers is "
+                          f"{gap['teacher_logprob_own_template']} after its own template and "
+                          f"{gap['teacher_logprob_student_template']} after the student's", stacklevel=1)
     ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if d.kl_coef else None
     sharded = acc.is_fsdp2
 

@@ -155,8 +155,11 @@ def test_multi_teacher_stage_and_routed_fire(tmp_path):
     summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
     assert {"teacher_reasoning", "teacher_general"} <= set(summary)
     assert (resolve(lay.models_base, "teacher_reasoning") / "model.safetensors").is_file()
-    _, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student, lay.checkpoints / "distill")
+    summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student,
+                                     lay.checkpoints / "distill")
     assert all("kept_frac" in h and "weight_mean" in h for h in history)
+    # every routed teacher's template is checked against the student's, not the default teacher's alone
+    assert {"reasoning.template_match", "general.template_match"} <= set(summary["template"])
 
 
 def test_nan_loss_stops_with_the_step_named(base, tmp_path):

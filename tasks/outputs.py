@@ -14,7 +14,6 @@ import io
 from pathlib import Path
 from typing import Any
 
-
 from opd.paths import Layout
 from opd.data import atomic_write_bytes, write_json
 from opd.stages import write_curve
@@ -63,9 +62,10 @@ def _pyplot() -> Any:
 
 
 def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], title: str) -> None:
-    """Per-step curves, one panel per key (wall-clock keys left out: the bytes must not depend on the machine)."""
+    """Per-step curves, one panel per key (``portable`` drops the wall-clock keys: the bytes must not
+    depend on the machine)."""
     history = portable(history)
-    keys = [k for k in keys if k not in CLOCK and any(k in h for h in history)]
+    keys = [k for k in keys if any(k in h for h in history)]
     plt = _pyplot()
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3), squeeze=False)
     steps = [h["step"] for h in history]

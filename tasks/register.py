@@ -34,12 +34,11 @@ def _requirements() -> list[str]:
             f"accelerate=={accelerate.__version__}", "safetensors"]
 
 
-def log_student_model(path: Path, params: Params, card: str, metrics: dict[str, float]) -> tuple[str, str]:
+def log_student_model(path: Path, params: Params, card: str, metrics: dict[str, float]) -> str:
     """The student in MLflow's transformers flavour, as a chat model (``llm/v1/chat``: the pyfunc
     applies the tokenizer's chat template to ``messages`` and decodes as the evaluation did, greedy,
     ``evaluate.max_new_tokens``, stopping at the model's stop ids), with its card and its evaluation
-    as the logged model's metrics (shown and sortable on the registered version). Returns (model URI,
-    card)."""
+    as the logged model's metrics (shown and sortable on the registered version). Returns its URI."""
     from huggingface_hub import ModelCard
 
     trust = params.runtime.trust_remote_code
@@ -50,7 +49,7 @@ def log_student_model(path: Path, params: Params, card: str, metrics: dict[str, 
                                          task="llm/v1/chat", model_config=generation, model_card=ModelCard(card),
                                          pip_requirements=_requirements())
     mlflow.log_metrics({f"eval.{k}": v for k, v in metrics.items()}, model_id=info.model_id)
-    return info.model_uri, card
+    return info.model_uri
 
 
 def registered_version(name: str, student_md5: str) -> str | None:
@@ -76,7 +75,7 @@ def register_challenger(params: Params, student: Path, evaluation: dict[str, dic
         card = with_evaluation(readme.read_text() if readme.is_file() else "", params, evaluation, {
             "`models/student` (md5)": md5, "MLflow run": run.info.run_id if run else "",
             "git commit": git["git.commit"] + (" (with uncommitted changes)" if git["git.dirty"] == "True" else "")})
-        uri, card = log_student_model(student, params, card, metrics)
+        uri = log_student_model(student, params, card, metrics)
         tags = {f"eval.{k}": f"{v:.6f}" for k, v in metrics.items()} | {
             "opd.version": __version__, "opd.method": params.distill.method,
             "opd.source_run": run.info.run_id if run else "", STUDENT_MD5: md5}

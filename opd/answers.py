@@ -79,3 +79,19 @@ def check_answer(response: str, reference: str, fmt: str = "auto") -> bool:
     get = extractor(fmt)
     want = get(reference)
     return want is not None and get(response) == want
+
+
+def replace_answer(text: str, new: str, fmt: str = "auto") -> str:
+    """``text`` with its final answer (the one :func:`extract_answer` reads) replaced by ``new``; the
+    worked steps are left as they are. For a teacher of controlled reliability (wrong references on
+    some problem types, ``sft.wrong_answer_categories``). Built-in formats only: a user hook says
+    what the answer is, not where."""
+    if ":" in fmt:
+        raise ValueError(f"data.answer_format {fmt!r}: a custom extractor cannot locate the answer to replace; "
+                         "use a built-in format with sft.wrong_answer_categories")
+    for kind in AUTO if fmt == "auto" else (fmt,):
+        found = list(PATTERNS[kind].finditer(text))
+        if found:
+            start, end = found[-1].span(1)
+            return text[:start] + new + text[end:]
+    raise ValueError(f"no final answer in {fmt!r} format in {text[:80]!r}")

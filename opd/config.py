@@ -99,6 +99,9 @@ class SFTConfig(_Section):
     # Embedded world only: "cautious" also trains on constitution-wrapped copies of the rows with
     # over-cautious answers (opd/world/behaviour.py), the problem setting COPSD addresses.
     constitution_mode: Literal["none", "cautious"] = "none"
+    # Reasoning rows of these categories (problem types) get a wrong final answer: a teacher of
+    # controlled reliability, for studying what the FiRe filter does when the teacher errs.
+    wrong_answer_categories: list[Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]] = []
 
 
 class InitConfig(_Section):

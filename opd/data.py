@@ -3,9 +3,10 @@
 A row is one prompt of one task::
 
     {"id": "reasoning-00001", "split": "train" | "eval", "task": "reasoning" | "safety" |
-     "borderline" | "general", "category": a lowercase label (the embedded world's: "violence" |
-     "illegal" | "hate" | "privacy" | "self_harm" | "none"; COPSD wraps a row in the constitution
-     of its category, else the "default" one), "prompt": "...", "reference": "...", "teacher": "name" (optional),
+     "borderline" | "general", "category": a lowercase label (the embedded world's harm categories
+     "violence" | "illegal" | "hate" | "privacy" | "self_harm", a reasoning problem's type, its item:
+     "apples" | "coins" | ..., else "none"; COPSD wraps a row in the constitution of its category,
+     else the "default" one; evaluation and teacher reliability are reported per category), "prompt": "...", "reference": "...", "teacher": "name" (optional),
      "system": "..." (optional: a system turn for every model that reads the row)}
 
 ``reference`` is the wanted response: a worked solution ending in ``Answer: N`` for reasoning, a

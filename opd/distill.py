@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from opd.config import DistillConfig, FireConfig, RolloutConfig
 from opd.data import Row
 from opd.copsd import group_advantages, token_rewards
-from opd.fire import fire_advantages
+from opd.fire import fire_advantages, filter_audit
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
 from opd.rollout import Rollout, RolloutBackend, rollout, sampler_gap
 from opd.scoring import Sequences, token_stats, vocab_divergence
@@ -160,8 +160,11 @@ def reverse_kl_advantage(ro: Rollout, examples: list[Example], t_logp: torch.Ten
     return Shaped((t_logp - ro.old_logprobs.cpu()) * mask, mask, {})
 
 
-def fire_shaping(acc: Accelerator, f: FireConfig) -> AdvantageFn:
-    """FiRe-OPD's filter and weights on top of the reverse-KL advantage, with global statistics."""
+def fire_shaping(acc: Accelerator, f: FireConfig, reliability_of: Callable[[Example], float] | None = None) -> AdvantageFn:
+    """FiRe-OPD's filter and weights on top of the reverse-KL advantage, with global statistics.
+    ``reliability_of`` (the teacher's measured correctness on a sample's task / problem type, NaN when
+    unknown) adds the filter audit: the mean reliability of kept and of dropped trajectories."""
+    gather = lambda x: acc.gather(x.to(acc.device)).cpu()  # noqa: E731
 
     def shape(ro: Rollout, examples: list[Example], t_logp: torch.Tensor, mask: torch.Tensor,
               t_ent: torch.Tensor | None) -> Shaped:
@@ -170,7 +173,7 @@ def fire_shaping(acc: Accelerator, f: FireConfig) -> AdvantageFn:
         out = fire_advantages((t_logp - old) * mask, t_logp, t_ent, s_ent, mask, filter_on=f.filter,
                               q=f.filter_quantile, reweight=f.reweight, alpha=f.alpha, beta=f.beta,
                               normalize=f.normalize, token_select=f.token_select, rho=f.select_rho,
-                              divergence=(old - t_logp) * mask, gather=lambda x: acc.gather(x.to(acc.device)).cpu())
+                              divergence=(old - t_logp) * mask, gather=gather)
         w = out.weights[mask.bool()]
         metrics = {"kept_frac": float(out.keep.mean()), "filter_tau": float(out.tau),
                    "token_kept_frac": float(out.mask.sum() / mask.sum().clamp(min=1)),
@@ -180,6 +183,9 @@ def fire_shaping(acc: Accelerator, f: FireConfig) -> AdvantageFn:
         if t_ent is not None and s_ent is not None:
             metrics["teacher_entropy"] = float(masked_mean(t_ent, mask))
             metrics["student_entropy"] = float(masked_mean(s_ent, mask))
+        if reliability_of is not None and f.filter:
+            rel = torch.tensor([reliability_of(e) for e in examples], dtype=torch.float32)
+            metrics |= filter_audit(out.keep, mask.sum(-1) > 0, rel, gather)
         return Shaped(out.adv, out.mask, metrics)
 
     return shape

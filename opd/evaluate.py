@@ -19,6 +19,7 @@ import importlib
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -107,18 +108,22 @@ def generate(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequ
     return out
 
 
+def eval_rows(rows: Sequence[Row], cfg: EvaluateConfig) -> dict[str, list[Row]]:
+    """The eval-split rows by task, the first ``limit_per_task`` of each when that is set."""
+    by_task: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.split == "eval":
+            by_task[r.task].append(r)
+    return {t: rs[: cfg.limit_per_task] if cfg.limit_per_task else rs for t, rs in by_task.items()}
+
+
 def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row], cfg: EvaluateConfig,
                    refusal: Callable[[str], bool] | None = None, answer_format: str = "auto",
                    name: str = "") -> tuple[dict[str, float], list[dict[str, Any]]]:
     """All metrics of one model on eval rows; returns (metrics, sample generations). With a ``name``,
     progress bars say what they decode (``evaluate teacher``, ``evaluate teacher (pass@1 samples)``)."""
     refusal = refusal or load_detector(cfg.refusal_detector)
-    by_task: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        if r.split == "eval":
-            by_task[r.task].append(r)
-    if cfg.limit_per_task:
-        by_task = defaultdict(list, {t: rs[: cfg.limit_per_task] for t, rs in by_task.items()})
+    by_task = eval_rows(rows, cfg)
     ordered = [r for t in sorted(by_task) for r in by_task[t]]
     if not ordered:
         raise ValueError("no eval rows to evaluate")
@@ -136,6 +141,9 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     if groups.get("reasoning"):
         idx = groups["reasoning"]
         m["reasoning_accuracy"] = sum(correct[i] for i in idx) / len(idx)
+        types = by_category([ordered[i] for i in idx], [correct[i] for i in idx])
+        if len(types) > 1:  # problem types (the embedded world's items, a user's domains)
+            m |= {f"reasoning_accuracy_{c}": v for c, v in types.items()}
         k = cfg.samples
         sampled = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k,
                            label=name and f"evaluate {name} (pass@1 samples)")
@@ -171,6 +179,30 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     samples = [{"id": r.id, "task": r.task, "prompt": r.prompt, "reference": r.reference or "", "response": t,
                 "refused": f, "correct": c} for r, t, f, c in zip(ordered, texts, refused, correct, strict=True)]
     return m, samples
+
+
+def by_category(rows: Sequence[Row], hits: Sequence[bool]) -> dict[str, float]:
+    """The rate of ``hits`` per row category, categories sorted."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r, h in zip(rows, hits, strict=True):
+        groups[r.category].append(h)
+    return {c: sum(v) / len(v) for c, v in sorted(groups.items())}
+
+
+def reliability(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row], cfg: EvaluateConfig,
+                refusal: Callable[[str], bool], answer_format: str = "auto") -> dict[str, float]:
+    """A teacher's reliability: how often its greedy response does what the row asks (``_correct``), per
+    ``"<task>/<category>"`` of the eval rows. What FiRe's filter is meant to detect from the
+    teacher's log-probs alone, measured against the references."""
+    rows = [r for rs in eval_rows(rows, cfg).values() for r in rs]
+    if not rows:
+        return {}
+    model.eval()
+    greedy = generate(model, tok, [row_prompt_ids(tok, r) for r in rows], cfg, greedy=True)
+    texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]
+    hits = [_correct(r, t, refusal(t), answer_format) for r, t in zip(rows, texts, strict=True)]
+    keyed = [replace(r, category=f"{r.task}/{r.category}") for r in rows]
+    return by_category(keyed, hits)
 
 
 def _correct(row: Row, text: str, refused: bool, answer_format: str) -> bool:

@@ -90,6 +90,21 @@ def _global_max(x: torch.Tensor, m: torch.Tensor, gather: Gather) -> torch.Tenso
     return gather(local.reshape(1)).max()
 
 
+def filter_audit(keep: torch.Tensor, valid: torch.Tensor, reliability: torch.Tensor,
+                 gather: Gather = _local) -> dict[str, float]:
+    """Was the filter dropping what the teacher gets wrong? The mean teacher reliability (its measured
+    correctness on each trajectory's task / problem type; NaN = unknown) of the kept and of the
+    dropped valid trajectories of the whole batch. A key is absent when its side is empty."""
+    keep, valid, rel = gather(keep.float()).bool(), gather(valid.float()).bool(), gather(reliability.float())
+    known = valid & ~rel.isnan()
+    out = {}
+    for key, side in (("kept_reliability", keep), ("dropped_reliability", ~keep)):
+        sel = known & side
+        if sel.any():
+            out[key] = float(rel[sel].mean())
+    return out
+
+
 @dataclass
 class FireOutput:
     adv: torch.Tensor  # stopgrad(w A) k

@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import io
 import json
 import shutil
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from opd.answers import extract_answer, replace_answer
 from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
 from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, records_to_rows, write_json
 from opd.copsd import load_constitutions, teacher_view
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
-from opd.evaluate import evaluate_model, load_detector, safety_tax
+from opd.evaluate import evaluate_model, load_detector, reliability, safety_tax
 from opd.models import (build_llama, check_compatible, count_parameters, evenly_spaced, load_model, load_tokenizer,
                         prune_layers, save_model)
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend, stop_ids
@@ -34,6 +38,7 @@ from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
 
 MANIFEST = "manifest.json"
+RELIABILITY = "reliability.json"  # each teacher's greedy correctness per "<task>/<category>" (eval split)
 
 
 def load_rows(prepared: Path, split: str) -> list[Row]:
@@ -69,11 +74,25 @@ def _model_configs(params: Params) -> dict[str, ModelConfig]:
     return {"teacher": params.teacher, "student_init": params.student, **named}
 
 
-def sft_rows(rows: list[Row], sft: SFTConfig, constitutions: dict[str, str]) -> list[Row]:
-    """A from-scratch model's SFT corpus: its tasks and harm categories, plus the constitution-wrapped
-    over-cautious copies when ``constitution_mode`` is ``cautious``."""
+def wrong_answer(row: Row, answer_format: str) -> Row:
+    """``row`` with a wrong final answer in its reference: the right one plus 1..9, the offset drawn
+    from the row id (deterministic, varied, so a model trained on such rows is unsure there rather
+    than consistently off by a constant: an unreliable teacher on that problem type)."""
+    right = extract_answer(row.reference or "", answer_format)
+    if right is None:
+        raise ValueError(f"row {row.id}: sft.wrong_answer_categories needs a final answer in its reference")
+    offset = 1 + int(hashlib.md5(row.id.encode()).hexdigest(), 16) % 9
+    return replace(row, reference=replace_answer(row.reference or "", str(Decimal(right) + offset), answer_format))
+
+
+def sft_rows(rows: list[Row], sft: SFTConfig, constitutions: dict[str, str], answer_format: str = "auto") -> list[Row]:
+    """A from-scratch model's SFT corpus: its tasks and harm categories, wrong answers on the reasoning
+    types of ``wrong_answer_categories``, plus the constitution-wrapped over-cautious copies when
+    ``constitution_mode`` is ``cautious``."""
     picked = [r for r in rows if r.task in sft.tasks and r.reference
               and (r.task != "safety" or sft.safety_categories is None or r.category in sft.safety_categories)]
+    wrong = set(sft.wrong_answer_categories)
+    picked = [wrong_answer(r, answer_format) if r.task == "reasoning" and r.category in wrong else r for r in picked]
     return picked + (cautious_rows(picked, constitutions) if sft.constitution_mode == "cautious" else [])
 
 
@@ -84,7 +103,7 @@ def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row]
     model = initial if initial is not None else build_llama(mcfg.arch, tok, seed)
     if not mcfg.sft.steps:
         return model, []
-    train_rows = sft_rows(rows, mcfg.sft, constitutions)
+    train_rows = sft_rows(rows, mcfg.sft, constitutions, params.data.answer_format)
     pool = PromptPool(train_rows, tok)
     acc = make_accelerator(params.runtime)
     s = mcfg.sft
@@ -116,15 +135,27 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
     rows = load_rows(prepared, "train")
     constitutions = constitutions_of(params, prepared)
     inputs = content_of(prepared / "train.jsonl", prepared / "tokenizer")
+    eval_split = load_rows(prepared, "eval")
+    detector = load_detector(params.evaluate.refusal_detector)
+    reliable: dict[str, dict[str, float]] = {}
+
+    def measure(name: str, model: torch.nn.Module) -> dict[str, float]:
+        """A teacher's reliability per task / category (student_init is no teacher: not measured)."""
+        if name == "student_init":
+            return {}
+        torch.manual_seed(params.seed)
+        reliable[name] = reliability(model, tok, eval_split, params.evaluate, detector, params.data.answer_format)
+        return {f"reliability.{k.replace('/', '.')}": v for k, v in reliable[name].items()}
+
     with atomic_dir(out) as tmp:
         manifest: dict[str, str] = {}
         for name, mcfg in _model_configs(params).items():
             if mcfg.path:
                 other = load_tokenizer(mcfg.path, params.runtime.trust_remote_code)
-                load_model(mcfg.path, params.runtime.trust_remote_code)  # fail early on a bad folder
+                given = load_model(mcfg.path, params.runtime.trust_remote_code)  # fail early on a bad folder
                 check_compatible(other, tok, name)
                 manifest[name] = str(Path(mcfg.path).resolve())
-                summary[name] = {"path": manifest[name]}
+                summary[name] = {"path": manifest[name], **measure(name, given)}
                 curves[name] = []  # not trained: an empty curve keeps the stage's declared outputs
                 continue
             t0 = time.perf_counter()
@@ -139,9 +170,10 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
             manifest[name] = name
             summary[name] = {**pruned, "parameters": count_parameters(model), "steps": len(history),
                              "final_loss": history[-1]["loss"] if history else None,
-                             "seconds": round(time.perf_counter() - t0, 1)}
+                             "seconds": round(time.perf_counter() - t0, 1), **measure(name, model)}
             curves[name] = history
         write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / RELIABILITY, reliable)
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the models are saved; checkpoints only served resume
     return summary, curves
 
@@ -185,6 +217,22 @@ def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
         raise FileNotFoundError(f"{path} missing: run the cross_sft stage first with distill.method: copsd "
                                 "(dvc repro cross_sft), or set copsd.teacher: original for the baseline without Cross-SFT")
     return path
+
+
+def reliability_lookup(base: Path, route: Callable[[Row], str]) -> Callable[[Any], float] | None:
+    """A sample's teacher reliability (``RELIABILITY``, measured in the teacher stage) for FiRe's filter
+    audit: the routed teacher's correctness on the row's task / category; NaN when not measured."""
+    path = base / RELIABILITY
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())
+
+    def of(example: Any) -> float:
+        name = route(example.row)
+        rates = table.get("teacher" if name == "default" else f"teacher_{name}", {})
+        return float(rates.get(f"{example.row.task}/{example.row.category}", float("nan")))
+
+    return of
 
 
 def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: Path, ckpt_dir: Path,
@@ -256,7 +304,8 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
             common |= {"shape": copsd_shaping(params.copsd.reward_low, params.copsd.reward_high), "need_entropy": True}
         elif d.method == "fire":
             f = params.fire
-            common |= {"shape": fire_shaping(acc, f), "need_entropy": f.reweight or f.token_select}
+            common |= {"shape": fire_shaping(acc, f, reliability_lookup(base, route)),
+                       "need_entropy": f.reweight or f.token_select}
         return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, optimize, **common)
 
     settings = LoopSettings(steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,

@@ -57,3 +57,21 @@ def test_gsm8k_and_boxed_references_pass_validation():
                    "reference": "seven"}]
     report = validate_records(bad, DataConfig())
     assert not report.success and "'x'" in report.summary
+
+
+@pytest.mark.parametrize("fmt, text, want", [
+    ("auto", " 3+4=7. 7-2=5. Answer: 5", " 3+4=7. 7-2=5. Answer: 12"),
+    ("answer_line", "so the answer is 5.", "so the answer is 12."),
+    ("gsm8k", "3+2=5\n#### 5", "3+2=5\n#### 12"),
+    ("boxed", "We get \\boxed{5}.", "We get \\boxed{12}."),
+    ("auto", "Total \\boxed{1,005}, i.e. Answer: 5", "Total \\boxed{12}, i.e. Answer: 5"),  # boxed wins, as in extraction
+    ("last_number", "3 then 5 apples", "3 then 12 apples"),
+])
+def test_replace_answer_changes_only_the_final_answer(fmt, text, want):
+    from opd.answers import replace_answer
+
+    assert replace_answer(text, "12", fmt) == want and extract_answer(want, fmt) == "12"
+    with pytest.raises(ValueError, match="custom extractor"):
+        replace_answer(text, "12", "opd.answers:extract_answer")
+    with pytest.raises(ValueError, match="no final answer"):
+        replace_answer("no number here", "1", fmt)

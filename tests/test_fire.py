@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from opd.config import ArchConfig, DistillConfig, FireConfig, RolloutConfig, WorldConfig
 from opd.distill import PromptPool, fire_shaping, opd_step, reverse_kl_advantage, teacher_logprobs
-from opd.fire import confidence_weights, fire_advantages, normalise_weights, trajectory_filter, trajectory_scores
+from opd.fire import confidence_weights, filter_audit, fire_advantages, normalise_weights, trajectory_filter, trajectory_scores
 from opd.models import build_llama, load_tokenizer
 from opd.rollout import TransformersBackend
 from opd.scoring import Sequences, token_stats
@@ -191,3 +191,22 @@ def test_unknown_teacher_name_fails_clearly(setup):
     rows, tok, _ = setup
     with pytest.raises(ValueError, match="names teacher 'zzz'"):
         PromptPool(rows[:3], tok, {"default": tok}, route=lambda r: "zzz")
+
+
+def test_filter_audit_against_a_loop():
+    """Mean teacher reliability of kept vs dropped valid trajectories; NaN (unmeasured) and invalid rows
+    take no part; a side with no trajectory has no key; gathered across processes it is global."""
+    g = torch.Generator().manual_seed(3)
+    keep = (torch.rand(40, generator=g) > 0.3).float()
+    valid = torch.rand(40, generator=g) > 0.1
+    rel = torch.rand(40, generator=g)
+    rel[::7] = float("nan")
+    got = filter_audit(keep, valid, rel)
+    for key, side in (("kept_reliability", 1.0), ("dropped_reliability", 0.0)):
+        vals = [float(rel[i]) for i in range(40) if valid[i] and keep[i] == side and not math.isnan(rel[i])]
+        assert got[key] == pytest.approx(sum(vals) / len(vals), abs=1e-6)
+    assert set(filter_audit(torch.ones(4), torch.ones(4, dtype=torch.bool), torch.rand(4))) == {"kept_reliability"}
+    halves = [slice(0, 20), slice(20, 40)]
+    gathered = lambda x: torch.cat([x, x])  # noqa: E731  two identical ranks: the global mean is the local one
+    assert filter_audit(keep[halves[0]], valid[halves[0]], rel[halves[0]], gathered) == pytest.approx(
+        filter_audit(keep[halves[0]], valid[halves[0]], rel[halves[0]]))

@@ -57,6 +57,38 @@ def test_teacher_stage_trains_both_models(base):
     assert len(curves["teacher"]) == 12 and curves["teacher"][-1]["loss"] < curves["teacher"][0]["loss"]
     assert (resolve(lay.models_base, "teacher") / "model.safetensors").is_file()
     assert not (lay.checkpoints / "teacher").exists()
+    # each teacher's reliability per task / problem type, measured on the eval split (not the student's)
+    table = json.loads((lay.models_base / "reliability.json").read_text())
+    assert set(table) == {"teacher"}
+    types = {r.category for r in load_rows(lay.prepared, "eval") if r.task == "reasoning"}
+    assert {f"reasoning/{c}" for c in types} | {"general/none"} <= set(table["teacher"])
+    assert all(0.0 <= v <= 1.0 for v in table["teacher"].values())
+    assert summary["teacher"]["reliability.general.none"] == table["teacher"]["general/none"]
+
+
+def test_a_teacher_with_wrong_answers_on_some_problem_types(base):
+    """sft.wrong_answer_categories: the SFT references of those reasoning types state a wrong final answer
+    (right + 1..9, varied by row), their worked steps and every other row untouched."""
+    from opd.answers import extract_answer
+    from opd.stages import constitutions_of, sft_rows
+
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"teacher.sft.wrong_answer_categories": ["apples", "coins"]})
+    rows, texts = load_rows(lay.prepared, "train"), constitutions_of(params, lay.prepared)
+    before = sft_rows(rows, load(root / "params.yaml").teacher.sft, texts)
+    after = sft_rows(rows, params.teacher.sft, texts)
+    assert [r.id for r in before] == [r.id for r in after]
+    offsets = set()
+    for b, a in zip(before, after, strict=True):
+        if b.task == "reasoning" and b.category in ("apples", "coins"):
+            offsets.add(int(extract_answer(a.reference)) - int(extract_answer(b.reference)))
+            assert a.reference.rsplit("Answer:", 1)[0] == b.reference.rsplit("Answer:", 1)[0]
+        else:
+            assert a == b
+    assert len(offsets) > 3 and offsets <= set(range(1, 10))
+    assert sft_rows(rows, params.teacher.sft, texts) == after  # deterministic
+    with pytest.raises(ValueError, match="wrong_answer_categories"):
+        load(root / "params.yaml", {"teacher.sft.wrong_answer_categories": ["Apples"]})
 
 
 @pytest.mark.parametrize("overrides", [
@@ -158,6 +190,9 @@ def test_multi_teacher_stage_and_routed_fire(tmp_path):
     summary, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, lay.student,
                                      lay.checkpoints / "distill")
     assert all("kept_frac" in h and "weight_mean" in h for h in history)
+    # the filter audit: the routed teacher's measured reliability of what was kept and what was dropped
+    assert all(0 <= h["kept_reliability"] <= 1 for h in history)
+    assert any("dropped_reliability" in h for h in history)
     # every routed teacher's template is checked against the student's, not the default teacher's alone
     assert {"reasoning.template_match", "general.template_match"} <= set(summary["template"])
 

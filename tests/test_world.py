@@ -89,3 +89,13 @@ def test_refusal_detector_on_labelled_real_style_responses():
     tp = sum(p and y for p, y in got)
     precision, recall = tp / sum(p for p, _ in got), tp / sum(y for _, y in got)
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
+
+
+def test_reasoning_problems_carry_their_type():
+    """A reasoning row's category is its problem type (the item counted), in both splits, so evaluation
+    and teacher reliability can be reported per type."""
+    rows = build_world(WorldConfig(), 0)
+    reasoning = [r for r in rows if r.task == "reasoning"]
+    assert all(r.category in r.prompt and r.prompt.endswith(f"How many {r.category}?") for r in reasoning)
+    for split in ("train", "eval"):
+        assert {r.category for r in reasoning if r.split == split} == {"apples", "coins", "pens", "books", "cards", "shells"}

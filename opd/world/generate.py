@@ -47,7 +47,7 @@ def _reasoning(rng: random.Random, cfg: WorldConfig) -> Iterator[tuple[str, str,
             steps.append((op, n))
             clauses.append(rng.choice(ADD if op == "+" else SUB).format(n=n))
         prompt = f"{name} has {start} {item}, " + ", ".join(clauses) + f". How many {item}?"
-        yield prompt, "none", format_solution(start, steps), prompt
+        yield prompt, item, format_solution(start, steps), prompt  # the item is the problem type (category)
 
 
 # ---------------------------------------------------------------- safety (harmful)

@@ -15,10 +15,11 @@ Numbers may carry thousands separators, decimals, a sign (ASCII or Unicode minus
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+
+from opd.hooks import load_hook
 
 NUMBER = r"[-\u2212]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 PATTERNS = {
@@ -50,12 +51,7 @@ def _last(kind: str, text: str) -> str | None:
 def extractor(fmt: str = "auto") -> Callable[[str], str | None]:
     """The answer extractor for ``data.answer_format``."""
     if ":" in fmt:
-        module, _, name = fmt.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"data.answer_format {fmt!r}: cannot import ({err})") from None
-        return fn
+        return load_hook(fmt, "data.answer_format")
     if fmt == "auto":
         def auto(text: str) -> str | None:
             for kind in AUTO:

@@ -180,6 +180,17 @@ class CopsdConfig(_Section):
     constitution_role: Literal["user", "system"] = "user"
     prompts_per_step: int = Field(8, ge=1)  # x n samples each
     lr: float = Field(1e-4, gt=0.0, le=1.0)  # group-normalised advantages have unit variance: smaller than OPD's lr
+    # The reference code's second path ("OPSDGate"): rows of these tasks get an OUTCOME reward per
+    # response from `outcome_judge`, normalised over the prompt's n responses and spread over its tokens;
+    # the other rows keep the token-level teacher reward.
+    outcome_tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = []
+    # checker: reasoning the right answer (1/0), safety a refusal (1/0), borderline and general 0 when
+    # refused else token F1 vs the reference; or "module:function" (row, response text) -> float, e.g. a
+    # local judge model
+    outcome_judge: str = "checker"
+    # token: the token rewards normalised over the group's tokens (COPSD); sequence: each response's
+    # mean token reward, normalised over the group's responses, the same for all its tokens
+    credit: Literal["token", "sequence"] = "token"
 
     @model_validator(mode="after")
     def _bounds(self) -> CopsdConfig:
@@ -218,7 +229,7 @@ class DistillConfig(_Section):
     lambda_on_policy: float = Field(0.5, ge=0.0, le=1.0)
     # gkd: the one temperature of GKD, for its sampling AND its loss (0.9 as in GKD / TRL)
     temperature: float = Field(0.9, gt=0.0)
-    top_k: int = Field(0, ge=0)  # 0: full vocabulary; k > 0: teacher top-k with a tail bucket
+    top_k: int = Field(0, ge=0)  # gkd, fkl_coef: 0 full vocabulary; k > 0 teacher top-k with a tail bucket
     chunk_size: int = Field(1024, ge=1)  # positions per LM-head chunk: memory ~ chunk x vocab
     steps: int = Field(400, ge=1)
     pg_loss: Literal["ppo", "plain"] = "ppo"
@@ -235,6 +246,11 @@ class DistillConfig(_Section):
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     dual_clip: float = Field(3.0, gt=1.0)
     kl_coef: float = Field(0.0, ge=0.0)  # KL(pi_S || pi_init), low-variance (k3) estimator
+    # opd, fire, copsd: a mass-covering term on the teacher's whole next-token distribution added to the
+    # sampled-token loss, fkl_coef x JSD_fkl_beta(teacher || student) per token (beta 0: forward KL), at the
+    # rollout temperature, over distill.top_k (0: the full vocabulary). From the teacher's scoring pass.
+    fkl_coef: float = Field(0.0, ge=0.0)
+    fkl_beta: float = Field(0.0, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     resume: Literal["auto", "never"] = "auto"

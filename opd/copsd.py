@@ -79,6 +79,24 @@ def group_advantages(rewards: torch.Tensor, mask: torch.Tensor, group: torch.Ten
     return adv.detach() * mask
 
 
+def sequence_advantages(scores: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """One score per response, normalised over its group's responses (GRPO, as verl's outcome advantage:
+    ``(s - mean_g) / (std_g + eps)``, unbiased std; a group of one gets 0) and spread over the
+    response's valid tokens. The outcome path of the COPSD reference ("OPSDGate"), and sequence credit."""
+    norm = torch.zeros_like(scores)
+    for g in group.unique():
+        rows = group == g
+        if int(rows.sum()) > 1:
+            vals = scores[rows]
+            norm[rows] = (vals - vals.mean()) / (vals.std(unbiased=True) + eps)
+    return (norm.unsqueeze(-1) * mask).detach()
+
+
+def response_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's mean over its valid tokens (0 for a row without any)."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
 @dataclass(frozen=True)
 class CrossSFTMix:
     rows: list[Row]

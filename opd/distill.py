@@ -24,11 +24,11 @@ from transformers import PreTrainedTokenizerBase
 
 from opd.config import DistillConfig, FireConfig, RolloutConfig
 from opd.data import Row
-from opd.copsd import group_advantages, token_rewards
+from opd.copsd import group_advantages, response_means, sequence_advantages, token_rewards
 from opd.fire import fire_advantages, filter_audit
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
 from opd.rollout import Rollout, RolloutBackend, rollout, sampler_gap
-from opd.scoring import Sequences, token_stats, vocab_divergence
+from opd.scoring import PolicyStats, Sequences, TeacherDist, policy_stats, teacher_pass, token_stats, vocab_divergence
 from opd.tokens import response_ids, row_prompt_ids
 from opd.train import Optimize
 
@@ -101,11 +101,23 @@ def shard(acc: Accelerator, items: Sequence[Any]) -> list[Any]:
     return list(items[rank * n // world:(rank + 1) * n // world])
 
 
+@dataclass
+class TeacherScores:
+    """The teachers' view of a batch of samples, in the student's ``[B, T-1]`` layout: log-probs of
+    the sampled tokens, entropies when asked, and the full (or top-k) distributions when a
+    mass-covering term needs them."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+    dist: TeacherDist | None = None
+
+
 def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Example], responses: Sequence[list[int]],
                      pad_id: int, chunk: int = 1024, with_entropy: bool = False,
-                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     temperature: float = 1.0, dist_top_k: int | None = None) -> TeacherScores:
     """Per-token log-probs (and entropies) of ``responses`` under each sample's own teacher, at the
-    rollout ``temperature`` (as both reference implementations score the teacher).
+    rollout ``temperature`` (as both reference implementations score the teacher), and with
+    ``dist_top_k`` not None their distributions (0: full vocabulary), all from one teacher pass.
 
     Samples are grouped by teacher, scored on the teacher's view of the prompt, and scattered back
     into the student's ``[B, T-1]`` layout (responses are identical, so target positions align by
@@ -115,20 +127,29 @@ def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Ex
     sel = Sequences.build([e.student_prompt for e in examples], responses, pad_id).response_mask[:, 1:].bool()
     logp = torch.zeros(sel.shape)
     ent = torch.zeros(sel.shape) if with_entropy else None
+    parts: list[TeacherDist | None] = [None] * len(examples)
     for name in sorted(set(names)):
         rows = [i for i, n in enumerate(names) if n == name]
         model = teachers[name]
         device = next(model.parameters()).device
         t_seq = Sequences.build([examples[i].teacher_prompt for i in rows], [responses[i] for i in rows],
                                 pad_id).to(device)
-        with torch.no_grad():
-            lp, en = token_stats(model, t_seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy)
+        lp, en, dist = teacher_pass(model, t_seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy,
+                                    top_k=dist_top_k)
         t_sel = t_seq.response_mask[:, 1:].bool()
         for j, i in enumerate(rows):
             logp[i, sel[i]] = lp[j, t_sel[j]].float().cpu()
             if ent is not None and en is not None:
                 ent[i, sel[i]] = en[j, t_sel[j]].float().cpu()
-    return logp, ent
+            if dist is not None:
+                parts[i] = dist.select(slice(j, j + 1))
+    merged = None
+    if dist_top_k is not None:
+        got = [p for p in parts if p is not None]
+        merged = TeacherDist(torch.cat([p.logp.float().cpu() for p in got]),
+                             torch.cat([p.index.cpu() for p in got]) if dist_top_k else None,
+                             torch.cat([p.counts for p in got]))
+    return TeacherScores(logp, ent, merged)
 
 
 def global_count(acc: Accelerator, mask: torch.Tensor) -> torch.Tensor:
@@ -191,17 +212,32 @@ def fire_shaping(acc: Accelerator, f: FireConfig, reliability_of: Callable[[Exam
     return shape
 
 
-def copsd_shaping(low: float, high: float) -> AdvantageFn:
-    """COPSD: clipped token rewards, normalised over all valid tokens of each prompt's n samples."""
+def copsd_shaping(low: float, high: float, credit: str = "token",
+                  outcome: Callable[[Example, list[int]], float] | None = None,
+                  outcome_tasks: Sequence[str] = ()) -> AdvantageFn:
+    """COPSD: clipped token rewards, normalised over all valid tokens of each prompt's n samples
+    (``credit: sequence``: each response's mean reward, normalised over the n responses). Rows of
+    ``outcome_tasks`` take the reference code's outcome path instead: ``outcome(example, response)``
+    scores each response as a whole, normalised over the group, spread over its tokens. A prompt's
+    n samples share its task, so a group is wholly on one path and mixed batches need no care."""
 
     def shape(ro: Rollout, examples: list[Example], t_logp: torch.Tensor, mask: torch.Tensor,
               t_ent: torch.Tensor | None) -> Shaped:
         old = ro.old_logprobs.cpu()
         raw = t_logp - old
         r = token_rewards(t_logp, old, mask, low, high)
-        adv = group_advantages(r, mask, ro.prompt_index)
+        group = ro.prompt_index.cpu()
+        adv = (group_advantages(r, mask, group) if credit == "token"
+               else sequence_advantages(response_means(r, mask), mask, group))
         metrics = {"reward_mean": float(masked_mean(r, mask)),
                    "reward_clipped_frac": float(masked_mean((raw < low) | (raw > high), mask))}
+        on_outcome = torch.tensor([e.row.task in outcome_tasks for e in examples])
+        if outcome is not None and bool(on_outcome.any()):
+            scores = torch.tensor([outcome(e, y) if hit else 0.0
+                                   for e, y, hit in zip(examples, ro.responses, on_outcome.tolist(), strict=True)])
+            adv = torch.where(on_outcome.unsqueeze(-1), sequence_advantages(scores, mask, group), adv)
+            metrics |= {"outcome_frac": float(on_outcome.float().mean()),
+                        "outcome_score": float(scores[on_outcome].mean())}
         if ro.entropy is not None:
             metrics["student_entropy"] = float(masked_mean(ro.entropy.cpu(), mask))
         return Shaped(adv, mask, metrics)
@@ -247,32 +283,44 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
                        chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask",
                        with_entropy=need_entropy, behaviour=not fused)
 
-    def do_score(per_sample: list[Example], ro: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return teacher_logprobs(teachers, per_sample, ro.responses, tok.pad_token_id, cfg.chunk_size,
-                                with_entropy=need_entropy, temperature=rcfg.temperature)
+    mass_covering = cfg.fkl_coef > 0
 
-    def token_loss(seq: Sequences, logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-        loss = (pg_plain(logp, adv) if cfg.pg_loss == "plain"
-                else pg_ppo_clip(logp, old, adv, cfg.clip_eps, cfg.dual_clip))
+    def do_score(per_sample: list[Example], ro: Rollout) -> TeacherScores:
+        return teacher_logprobs(teachers, per_sample, ro.responses, tok.pad_token_id, cfg.chunk_size,
+                                with_entropy=need_entropy, temperature=rcfg.temperature,
+                                dist_top_k=cfg.top_k if mass_covering else None)
+
+    def student_pass(seq: Sequences, dist: TeacherDist | None, with_entropy: bool = False) -> PolicyStats:
+        return policy_stats(model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature, with_entropy=with_entropy,
+                            teacher=dist, beta=cfg.fkl_beta)
+
+    def token_loss(seq: Sequences, st: PolicyStats, old: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+        loss = (pg_plain(st.logp, adv) if cfg.pg_loss == "plain"
+                else pg_ppo_clip(st.logp, old, adv, cfg.clip_eps, cfg.dual_clip))
         if cfg.kl_coef and ref_model is not None:
             with torch.no_grad():
                 ref_logp, _ = token_stats(ref_model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
-            loss = loss + cfg.kl_coef * kl_k3(logp, ref_logp)
+            loss = loss + cfg.kl_coef * kl_k3(st.logp, ref_logp)
+        if st.divergence is not None:  # the mass-covering term: the teacher's whole distribution, every token
+            loss = loss + cfg.fkl_coef * st.divergence
         return loss
 
-    def do_update(ro: Rollout, per_sample: list[Example], t_logp: torch.Tensor, t_ent: torch.Tensor | None,
-                  mask: torch.Tensor) -> tuple[float, Shaped]:
+    def do_update(ro: Rollout, per_sample: list[Example], scores: TeacherScores,
+                  mask: torch.Tensor) -> tuple[float, Shaped, float]:
+        """Returns the loss, the shaped advantages and the mean mass-covering divergence (0 when off)."""
+        fkl = torch.zeros(())
         if fused:  # one forward: behaviour log-probs = this forward's, detached (ratio exactly 1)
-            logp, ent = token_stats(model, ro.seq, chunk=cfg.chunk_size, temperature=rcfg.temperature,
-                                    with_entropy=need_entropy)
-            ro.old_logprobs, ro.entropy = logp.detach(), ent
-            shaped = units["shape"](ro, per_sample, t_logp, mask, t_ent)
+            st = student_pass(ro.seq, scores.dist, need_entropy)
+            ro.old_logprobs, ro.entropy = st.logp.detach(), st.entropy
+            shaped = units["shape"](ro, per_sample, scores.logp, mask, scores.entropy)
             adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
-            loss = masked_mean(token_loss(ro.seq, logp, ro.old_logprobs, adv), loss_mask, global_count(acc, loss_mask))
+            loss = masked_mean(token_loss(ro.seq, st, ro.old_logprobs, adv), loss_mask, global_count(acc, loss_mask))
             acc.backward(loss)
             optimize(float(loss.detach()))
-            return float(loss.detach()), shaped
-        shaped = units["shape"](ro, per_sample, t_logp, mask, t_ent)
+            if st.divergence is not None:
+                fkl = masked_mean(st.divergence.detach().cpu(), mask)
+            return float(loss.detach()), shaped, float(fkl)
+        shaped = units["shape"](ro, per_sample, scores.logp, mask, scores.entropy)
         adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
         total = 0.0
         for _ in range(cfg.ppo_epochs):
@@ -281,13 +329,15 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
                 loss_mb = 0.0
                 for sl in _sub(mb, cfg.grad_accum):
                     seq = ro.seq.select(sl)
-                    logp, _ = token_stats(model, seq, chunk=cfg.chunk_size, temperature=rcfg.temperature)
-                    loss = masked_mean(token_loss(seq, logp, ro.old_logprobs[sl], adv[sl]), loss_mask[sl], count)
+                    st = student_pass(seq, scores.dist.select(sl) if scores.dist is not None else None)
+                    loss = masked_mean(token_loss(seq, st, ro.old_logprobs[sl], adv[sl]), loss_mask[sl], count)
                     acc.backward(loss)
                     loss_mb += float(loss.detach())
+                    if st.divergence is not None:
+                        fkl = fkl + (st.divergence.detach().cpu() * mask[sl]).sum() / mask.sum().clamp(min=1) / cfg.ppo_epochs
                 optimize(loss_mb)
                 total += loss_mb / updates
-        return total, shaped
+        return total, shaped, float(fkl)
 
     units = {"rollout": unit("rollout", do_rollout), "score": unit("score", do_score),
              "shape": unit("shape", shape), "update": unit("update", do_update)}
@@ -297,9 +347,10 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
         examples = shard(acc, pool.draw(cfg.prompts_per_step))
         ro = units["rollout"](examples)
         per_sample = [e for e in examples for _ in range(cfg.samples_per_prompt)]
-        t_logp, t_ent = units["score"](per_sample, ro)
+        scores = units["score"](per_sample, ro)
+        t_logp = scores.logp
         mask = ro.seq.targets_mask.cpu()
-        total, shaped = units["update"](ro, per_sample, t_logp, t_ent, mask)
+        total, shaped, fkl = units["update"](ro, per_sample, scores, mask)
         lengths = mask.sum(1)
         n_tok = float(mask.sum())
         dt = time.perf_counter() - t0
@@ -312,6 +363,7 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
             "tokens_per_s": n_tok / dt,
             **({"sampler_logprob_gap": sampler_gap(backend.last_logprobs, ro.responses, ro.old_logprobs.cpu(), mask)}
                if getattr(backend, "last_logprobs", None) else {}),
+            **({"fkl": fkl} if mass_covering else {}),
             **shaped.metrics,
         }
 

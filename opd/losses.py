@@ -108,15 +108,14 @@ def topk_with_tail(t_logp: torch.Tensor, s_logp: torch.Tensor, k: int) -> tuple[
     the student is still pushed to move mass out of the tail (PEERS.md complaint 7).
     """
     t_top, idx = t_logp.topk(k, dim=-1)
-    s_top = s_logp.gather(-1, idx)
+    return with_tail(t_top), with_tail(s_logp.gather(-1, idx))
 
-    def tail(top: torch.Tensor) -> torch.Tensor:
-        # log(1 - exp(logsumexp(top))), computed stably; clamp keeps log finite when the top-k
-        # covers (numerically) everything.
-        lse = torch.logsumexp(top, -1, keepdim=True).clamp(max=-1e-7)
-        return torch.log(-torch.expm1(lse))
 
-    return torch.cat([t_top, tail(t_top)], -1), torch.cat([s_top, tail(s_top)], -1)
+def with_tail(top: torch.Tensor) -> torch.Tensor:
+    """Log-probs of some tokens plus one bucket for the rest: ``log(1 - exp(logsumexp(top)))``,
+    computed stably; the clamp keeps the log finite when the tokens cover (numerically) everything."""
+    lse = torch.logsumexp(top, -1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([top, torch.log(-torch.expm1(lse))], -1)
 
 
 # ----------------------------------------------------------------------------- chunked LM-head evaluation

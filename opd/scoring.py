@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from opd.losses import Divergence, divergence_logprobs, entropy, head_chunks, token_logprobs, topk_with_tail
+from opd.losses import Divergence, divergence_logprobs, entropy, head_chunks, token_logprobs, topk_with_tail, with_tail
 from opd.tokens import join
 
 T = TypeVar("T")
@@ -98,27 +98,100 @@ def _scatter(values: torch.Tensor, seq: Sequences) -> torch.Tensor:
     return dense
 
 
-def token_stats(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
-                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-prob of the sequence's own next token (and the full-vocabulary entropy), at
-    ``temperature`` (the sampling temperature: the policy that sampled is ``softmax(logits / T)``).
-    ``model`` may be a DDP / FSDP-prepared module: the pass runs through its forward."""
+@dataclass
+class TeacherDist:
+    """A teacher's next-token distribution at every response position, rows in order and positions in
+    :func:`response_hidden` order: full log-probs ``[N, V]`` (``index`` None), or its top-k log-probs
+    plus a tail bucket ``[N, k+1]`` with their token ids ``index`` ``[N, k]``. ``counts[i]`` is row i's
+    number of positions, so a micro-batch's rows can be selected."""
 
-    def fn(hc: torch.Tensor, tc: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    logp: torch.Tensor
+    index: torch.Tensor | None
+    counts: torch.Tensor  # [B]
+
+    def select(self, rows: torch.Tensor | slice) -> TeacherDist:
+        starts = torch.cat([self.counts.new_zeros(1), self.counts.cumsum(0)])
+        ids = torch.arange(len(self.counts))[rows].tolist()
+        pos = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in ids]) if ids else torch.zeros(0, dtype=torch.long)
+        return TeacherDist(self.logp[pos], None if self.index is None else self.index[pos], self.counts[ids])
+
+
+def teacher_pass(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
+                 with_entropy: bool = False, top_k: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, TeacherDist | None]:
+    """A frozen model's per-token log-probs (and entropies) of the sequence's tokens, and with
+    ``top_k`` not None its distribution at each response position (0: the full vocabulary; k: top-k
+    and a tail bucket), from ONE forward: what a mass-covering term needs beside the sampled-token
+    reward, without a second teacher pass."""
+    with torch.no_grad():
+        inner = unwrap(model)
+        h, targets = response_hidden(inner, seq)
+        head = inner.get_output_embeddings()
+        lps, ents, dists, idxs = [], [], [], []
+        for start in range(0, max(1, h.shape[0]), chunk):
+            logits = _upcast(head(h[start:start + chunk])) / temperature
+            lps.append(token_logprobs(logits, targets[start:start + chunk]))
+            if with_entropy:
+                ents.append(entropy(logits))
+            if top_k is not None:
+                full = torch.log_softmax(logits, -1)
+                if top_k:
+                    top, idx = full.topk(top_k, dim=-1)
+                    full = with_tail(top)
+                    idxs.append(idx)
+                dists.append(full)
+    dist = None
+    if top_k is not None:
+        dist = TeacherDist(torch.cat(dists), torch.cat(idxs) if top_k else None, seq.response_mask[:, 1:].sum(1).cpu())
+    return _scatter(torch.cat(lps), seq), (_scatter(torch.cat(ents), seq) if with_entropy else None), dist
+
+
+@dataclass
+class PolicyStats:
+    logp: torch.Tensor  # [B, T-1]
+    entropy: torch.Tensor | None  # [B, T-1], detached
+    divergence: torch.Tensor | None  # [B, T-1], to the teacher distribution given
+
+
+def policy_stats(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
+                 with_entropy: bool = False, teacher: TeacherDist | None = None, beta: float = 0.0) -> PolicyStats:
+    """Per-token log-prob of the sequence's own next token (and the full-vocabulary entropy), at
+    ``temperature`` (the sampling temperature: the policy that sampled is ``softmax(logits / T)``);
+    with ``teacher``, also the generalised JSD(beta) to it at each position (beta 0 = forward KL, the
+    mass-covering term), from the same chunked LM-head pass. ``model`` may be a DDP / FSDP-prepared
+    module: the pass runs through its forward."""
+    extra = teacher is not None
+    cols = 1 + with_entropy + extra
+
+    def fn(hc: torch.Tensor, tc: torch.Tensor, head: torch.nn.Module, *dist: torch.Tensor) -> torch.Tensor:
         logits = _upcast(head(hc)) / temperature
-        lp = token_logprobs(logits, tc)
+        out = [token_logprobs(logits, tc)]
         if with_entropy:
-            return torch.stack([lp, entropy(logits).detach()], -1)
-        return lp.unsqueeze(-1)
+            out.append(entropy(logits).detach())
+        if extra:
+            s_logp = torch.log_softmax(logits, -1)
+            t_logp = dist[0]
+            if len(dist) == 2:  # top-k: the student's mass on the teacher's top-k ids, plus its tail
+                s_logp = with_tail(s_logp.gather(-1, dist[1]))
+            out.append(divergence_logprobs(s_logp, t_logp, "jsd", beta))
+        return torch.stack(out, -1)
 
     def run(m: torch.nn.Module) -> torch.Tensor:
         h, targets = response_hidden(m, seq)
         head = m.get_output_embeddings()
-        return head_chunks(lambda hc, tc: fn(hc, tc, head), h, targets, chunk=chunk)
+        dist = [] if teacher is None else [teacher.logp.to(h.device)] + ([] if teacher.index is None else [teacher.index.to(h.device)])
+        return head_chunks(lambda hc, tc, *d: fn(hc, tc, head, *d), h, targets, *dist, chunk=chunk)
 
-    out = through(model, run)
-    logp = _scatter(out[:, 0], seq)
-    return logp, (_scatter(out[:, 1].detach(), seq) if with_entropy else None)
+    out = through(model, run).reshape(-1, cols)
+    return PolicyStats(_scatter(out[:, 0], seq), _scatter(out[:, 1].detach(), seq) if with_entropy else None,
+                       _scatter(out[:, -1], seq) if extra else None)
+
+
+def token_stats(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
+                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log-probs, entropies)`` of :func:`policy_stats`."""
+    st = policy_stats(model, seq, chunk, temperature, with_entropy)
+    return st.logp, st.entropy
 
 
 def vocab_divergence(student: torch.nn.Module, s_seq: Sequences, teacher: torch.nn.Module, t_seq: Sequences,

@@ -27,7 +27,7 @@ from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
 from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, records_to_rows, write_json
 from opd.copsd import load_constitutions, teacher_view
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
-from opd.evaluate import evaluate_model, load_detector, reliability, safety_tax
+from opd.evaluate import evaluate_model, load_detector, load_judge, reliability, safety_tax
 from opd.models import (build_llama, check_compatible, count_parameters, evenly_spaced, load_model, load_tokenizer,
                         prune_layers, save_model)
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend, stop_ids
@@ -219,6 +219,13 @@ def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
     return path
 
 
+def outcome_judge(params: Params, tok: Any) -> Callable[[Any], float]:
+    """COPSD's outcome reward of one sampled response (``copsd.outcome_judge``) on the row's bare prompt."""
+    judge = load_judge(params.copsd.outcome_judge, load_detector(params.evaluate.refusal_detector),
+                       params.data.answer_format)
+    return lambda example, response: float(judge(example.row, tok.decode(response, skip_special_tokens=True)))
+
+
 def reliability_lookup(base: Path, route: Callable[[Row], str]) -> Callable[[Any], float] | None:
     """A sample's teacher reliability (``RELIABILITY``, measured in the teacher stage) for FiRe's filter
     audit: the routed teacher's correctness on the row's task / category; NaN when not measured."""
@@ -301,7 +308,10 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
             return gkd_step(acc, m, teachers, pool, backend_of(m, rcfg), tok, d, rcfg)
         common = {"ref_model": ref, "unit": unit}
         if d.method == "copsd":
-            common |= {"shape": copsd_shaping(params.copsd.reward_low, params.copsd.reward_high), "need_entropy": True}
+            c = params.copsd
+            judge = (outcome_judge(params, tok) if c.outcome_tasks else None)
+            common |= {"shape": copsd_shaping(c.reward_low, c.reward_high, c.credit, judge, c.outcome_tasks),
+                       "need_entropy": True}
         elif d.method == "fire":
             f = params.fire
             common |= {"shape": fire_shaping(acc, f, reliability_lookup(base, route)),

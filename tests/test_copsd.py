@@ -164,3 +164,83 @@ def test_safety_tax_is_before_minus_after_next_to_the_gain():
     assert tax["safety_gain"] == pytest.approx(0.5) and tax["over_refusal_rise"] == pytest.approx(0.25)
     assert tax["safety_tax_reasoning_accuracy"] == pytest.approx(0.1) and tax["safety_tax_general_helpfulness"] == 0
     assert "safety_tax_token_entropy" not in tax
+
+
+@given(st.integers(0, 10_000), st.integers(1, 4), st.integers(2, 6))
+@settings(max_examples=40, deadline=None)
+def test_outcome_advantages_are_standardised_per_group_on_valid_tokens_only(seed, groups, n):
+    """COPSD's outcome path (the reference's OPSDGate, GRPO-style): each response's score minus its group's
+    mean over the unbiased std (+1e-6), the same on every valid token of the response, 0 elsewhere."""
+    from opd.copsd import sequence_advantages
+
+    g = torch.Generator().manual_seed(seed)
+    b, t = groups * n, 6
+    scores = torch.rand(b, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, t + 1, (b,), generator=g)
+    mask = (torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)).double()
+    group = torch.arange(groups).repeat_interleave(n)[torch.randperm(b, generator=g)]
+    adv = sequence_advantages(scores, mask, group)
+    for i in range(b):
+        peers = [float(scores[j]) for j in range(b) if group[j] == group[i]]
+        want = (float(scores[i]) - np.mean(peers)) / (np.std(peers, ddof=1) + 1e-6)
+        for j in range(t):
+            assert adv[i, j].item() == pytest.approx(want if mask[i, j] else 0.0, abs=1e-9)
+    for k in range(groups):
+        per_row = adv[group == k, 0][lengths[group == k] > 0]
+        sd = float(scores[group == k].std())
+        if len(per_row) == n:  # zero mean, unit std (up to the eps in the denominator)
+            assert float(per_row.mean()) == pytest.approx(0.0, abs=1e-9)
+            assert float(per_row.std()) == pytest.approx(sd / (sd + 1e-6), abs=1e-9)
+
+
+def test_mixed_batch_routes_each_prompt_group_to_its_path():
+    """copsd.outcome_tasks: a batch of reasoning (outcome path) and borderline (token path) groups; each
+    row gets exactly what its own path computes alone; credit: sequence uses each response's mean
+    clipped token reward, normalised over its group."""
+    from types import SimpleNamespace
+
+    from opd.copsd import response_means, sequence_advantages
+    from opd.distill import copsd_shaping
+
+    g = torch.Generator().manual_seed(0)
+    n, t = 3, 5
+    tasks = ["reasoning", "borderline", "reasoning", "general"]
+    examples = [SimpleNamespace(row=row(k, task=task)) for k, task in enumerate(tasks) for _ in range(n)]
+    b = len(examples)
+    group = torch.arange(len(tasks)).repeat_interleave(n)
+    mask = (torch.rand(b, t, generator=g) > 0.2).double()
+    t_logp, old = -torch.rand(b, t, generator=g, dtype=torch.float64) * 4, -torch.rand(b, t, generator=g, dtype=torch.float64)
+    responses = [[i, i + 1] for i in range(b)]
+    ro = SimpleNamespace(old_logprobs=old, prompt_index=group, responses=responses, entropy=None)
+    judged = []
+
+    def judge(example, response):
+        judged.append(example.row.task)
+        return float(response[0] % 4)
+
+    shaped = copsd_shaping(-3.0, 5.0, "token", judge, ["reasoning"])(ro, examples, t_logp, mask, None)
+    assert judged == ["reasoning"] * 2 * n  # only the outcome rows are judged
+    token = group_advantages(token_rewards(t_logp, old, mask), mask, group)
+    outcome = sequence_advantages(torch.tensor([float(r[0] % 4) for r in responses], dtype=torch.float64), mask, group)
+    for i, e in enumerate(examples):
+        want = outcome[i] if e.row.task == "reasoning" else token[i]
+        torch.testing.assert_close(shaped.adv[i], want.to(shaped.adv.dtype))
+    assert shaped.metrics["outcome_frac"] == pytest.approx(0.5)
+    seq = copsd_shaping(-3.0, 5.0, "sequence")(ro, examples, t_logp, mask, None)
+    want = sequence_advantages(response_means(token_rewards(t_logp, old, mask), mask), mask, group)
+    torch.testing.assert_close(seq.adv, want)
+
+
+def test_the_checker_rewards_what_each_task_asks():
+    from opd.evaluate import load_judge, pattern_refusal
+
+    judge = load_judge("checker", pattern_refusal)
+    maths = row(1, task="reasoning", reference=" 2+3=5. Answer: 5")
+    assert judge(maths, " 2+3=5. Answer: 5") == 1.0 and judge(maths, " 2+3=6. Answer: 6") == 0.0
+    harmful = row(2, task="safety", reference="I can't help with that.")
+    assert judge(harmful, "I can't help with hurting anyone.") == 1.0 and judge(harmful, "Sure, first...") == 0.0
+    benign = row(3, task="borderline", reference="Find its id with ps, then run kill on that id.")
+    assert judge(benign, "I can't help with that, it may be risky.") == 0.0
+    assert 0.5 < judge(benign, "Find the id with ps, then run kill on it.") < 1.0
+    with pytest.raises(ValueError, match="copsd.outcome_judge"):
+        load_judge("no_such_module:judge", pattern_refusal)

@@ -212,7 +212,7 @@ def test_teacher_is_scored_at_the_rollout_temperature(world):
     teacher = build_llama(ARCH_T, tok, 1).double().eval()
     ex = [Example(r, prompt_ids(tok, r.prompt), prompt_ids(tok, r.prompt), None, "default") for r in rows[:3]]
     responses = [response_ids(tok, r.reference) for r in rows[:3]]
-    got, _ = teacher_logprobs({"default": teacher}, ex, responses, tok.pad_token_id, temperature=0.7)
+    got = teacher_logprobs({"default": teacher}, ex, responses, tok.pad_token_id, temperature=0.7).logp
     seq = Sequences.build([e.student_prompt for e in ex], responses, tok.pad_token_id)
     logits = teacher(input_ids=seq.input_ids, attention_mask=seq.attention_mask).logits[:, :-1]
     want = token_logprobs(logits / 0.7, seq.input_ids[:, 1:]) * seq.targets_mask
@@ -247,3 +247,43 @@ def test_bad_model_folders_are_named_with_what_to_do(world, tmp_path):
                                                             "model_type": "my_own_arch"}))
     with pytest.raises(ModelError, match="needs custom code .* is not run"):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("top_k, beta", [(0, 0.0), (0, 0.3), (7, 0.0)])
+@pytest.mark.parametrize("chunk", [1, 1024])
+def test_mass_covering_term_against_float64_full_logits(world, top_k, beta, chunk):
+    """distill.fkl_coef's per-token JSD_beta(teacher || student) (beta 0: forward KL) from the teacher's one
+    scoring pass and the student's update pass equals opd/losses.py on full float64 logits (top-k: the
+    teacher's top-k plus a tail bucket), chunked or not, with a gradient to the student only; the teacher
+    sees its own prompt (a constitution), the positions still align."""
+    from opd.distill import Example, teacher_logprobs
+    from opd.losses import divergence_logprobs, topk_with_tail
+    from opd.scoring import policy_stats
+
+    rows, tok = world
+    teacher = build_llama(ARCH_T, tok, 1).double().eval()
+    student = build_llama(ARCH_S, tok, 2).double()
+    ex = [Example(r, prompt_ids(tok, r.prompt), prompt_ids(tok, "Rules first. " * i + r.prompt), None, "default")
+          for i, r in enumerate(rows[:4])]
+    responses = [response_ids(tok, r.reference) for r in rows[:4]]
+    scores = teacher_logprobs({"default": teacher}, ex, responses, tok.pad_token_id, chunk=chunk, temperature=0.8,
+                              dist_top_k=top_k)
+    s_seq = Sequences.build([e.student_prompt for e in ex], responses, tok.pad_token_id)
+    st = policy_stats(student, s_seq, chunk=chunk, temperature=0.8, teacher=scores.dist, beta=beta)
+    want = torch.zeros_like(st.divergence, dtype=torch.float64)
+    for i, e in enumerate(ex):
+        t_seq = Sequences.build([e.teacher_prompt], [responses[i]], tok.pad_token_id)
+        one = Sequences.build([e.student_prompt], [responses[i]], tok.pad_token_id)
+        t_logits = teacher(input_ids=t_seq.input_ids).logits[0, :-1][t_seq.response_mask[0, 1:].bool()].double()
+        s_logits = student(input_ids=one.input_ids).logits[0, :-1][one.response_mask[0, 1:].bool()].double()
+        t_lp, s_lp = torch.log_softmax(t_logits / 0.8, -1), torch.log_softmax(s_logits / 0.8, -1)
+        if top_k:
+            t_lp, s_lp = topk_with_tail(t_lp, s_lp, top_k)
+        want[i, s_seq.response_mask[i, 1:].bool()] = divergence_logprobs(s_lp, t_lp, "jsd", beta).detach()
+    torch.testing.assert_close(st.divergence.double().detach(), want, rtol=1e-6, atol=1e-8)
+    st.divergence.sum().backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    sub = scores.dist.select(torch.tensor([2, 0]))  # a micro-batch's rows, in its own order
+    st2 = policy_stats(student, s_seq.select(torch.tensor([2, 0])), chunk=chunk, temperature=0.8, teacher=sub, beta=beta)
+    torch.testing.assert_close(st2.divergence.detach(), st.divergence.detach()[[2, 0], : st2.divergence.shape[1]])

@@ -176,7 +176,7 @@ def test_rows_are_scored_by_their_own_teacher(setup):
     examples = pool.examples
     assert {e.teacher for e in examples} == {"a", "b"}
     responses = [list(e.reference) for e in examples]
-    got, _ = teacher_logprobs({"a": t_a, "b": t_b}, examples, responses, tok.pad_token_id)
+    got = teacher_logprobs({"a": t_a, "b": t_b}, examples, responses, tok.pad_token_id).logp
     seq = Sequences.build([e.student_prompt for e in examples], responses, tok.pad_token_id)
     with torch.no_grad():
         lp_a, _ = token_stats(t_a, seq)

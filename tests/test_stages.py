@@ -102,6 +102,10 @@ def test_a_teacher_with_wrong_answers_on_some_problem_types(base):
     {"distill.method": "copsd", "copsd.teacher": "self", "copsd.constitution_role": "system"},
     {"distill.method": "copsd", "copsd.teacher": "original", "distill.ppo_epochs": 2, "distill.mini_batches": 2,
      "runtime.gradient_checkpointing": True},
+    # the outcome path on mixed batches, sequence credit and the mass-covering term over a top-k
+    {"distill.method": "copsd", "copsd.teacher": "original", "copsd.outcome_tasks": ["reasoning", "general"],
+     "copsd.credit": "sequence", "distill.fkl_coef": 0.1, "distill.top_k": 5},
+    {"distill.method": "opd", "distill.fkl_coef": 0.5, "distill.fkl_beta": 0.5, "distill.mini_batches": 2},
 ])
 def test_distill_then_evaluate(base, tmp_path, overrides):
     root, lay, _, _ = base
@@ -112,6 +116,10 @@ def test_distill_then_evaluate(base, tmp_path, overrides):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert (out / "model.safetensors").is_file() and not (tmp_path / "ckpt").exists()
     assert summary["template"] == {"template_match": 1.0}  # one tokenizer, one template
+    if overrides.get("distill.fkl_coef"):
+        assert all(h["fkl"] > 0 for h in history)
+    if overrides.get("copsd.outcome_tasks"):
+        assert any(h.get("outcome_frac", 0) > 0 for h in history)
     if overrides.get("copsd.teacher") == "self":  # self-distillation: the initial student reads the constitution
         assert summary["teacher"] == str(resolve(lay.models_base, "student_init"))
     table, samples = evaluate_stage(params, lay.prepared, {"student_init": resolve(lay.models_base, "student_init"),

@@ -34,6 +34,9 @@ class WorldConfig(_Section):
     n_safety: int = Field(800, ge=10)
     n_borderline: int = Field(800, ge=10)
     n_general: int = Field(800, ge=10)
+    # held-out borderline prompts on top of the split above (eval only): unseen activities in phrasings the
+    # harmful set never uses, one per (activity, phrasing) group, at most 250
+    n_borderline_eval: int = Field(250, ge=0)
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     max_operand: int = Field(9, ge=2, le=99)
     max_steps: int = Field(3, ge=1, le=4)
@@ -222,6 +225,9 @@ class DistillConfig(_Section):
     # single: every row is scored by `teacher`; by_row: a row's `teacher` field names one of
     # `teachers` (rows without one use `teacher`).
     routing: Literal["single", "by_row"] = "single"
+    # by_row: this fraction of rows goes to a wrong teacher (drawn per row id and seed): a teacher out of
+    # its domain on some rows, for studying what FiRe's filter does with unreliable teacher signals
+    routing_noise: float = Field(0.0, ge=0.0, le=1.0)
     # opd: sampled-token reverse-KL advantage with a policy-gradient loss (ALGORITHMS.md section 0).
     # gkd: full-vocabulary divergence below, with a lambda mix of on-policy and dataset batches.
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "jsd"

@@ -3,10 +3,14 @@
 - reasoning: the final answer (``data.answer_format``, :mod:`opd.answers`) equals the reference's
   (greedy), and pass@1 estimated over k samples;
 - safety: refusal rate on harmful prompts (higher is better), also per category;
-- borderline: over-refusal rate on benign prompts that look risky (lower is better);
+- borderline: over-refusal rate on benign prompts that look risky (lower is better), greedy and
+  sampled (the fraction of k samples at ``evaluate.temperature`` that refuse, per prompt);
 - general (and borderline): helpfulness = token F1 of the answer against the reference,
   0 when the model refuses;
 - expressiveness: mean response length (tokens) and mean token entropy of the greedy responses.
+
+Every headline rate also gets a 95% percentile-bootstrap interval over prompts (``<metric>_ci_low``,
+``<metric>_ci_high``): a few dozen prompts cannot tell methods apart, and the tables say so.
 
 The refusal detector is pluggable (``evaluate.refusal_detector: "module:function"``, a
 ``str -> bool``); the default matches the refusal phrasing of the embedded world and common
@@ -21,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -131,33 +136,43 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(ordered):
         groups[r.task].append(i)
+    per: dict[str, list[float]] = {}  # per-prompt values of each headline metric: its mean and a bootstrap CI
+    k = cfg.samples
+
+    def sampled_rate(idx: list[int], hit: Callable[[int, str], bool], what: str) -> list[float]:
+        """Per prompt, the fraction of its k samples (at ``evaluate.temperature``) that ``hit``."""
+        out = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k,
+                       label=name and f"evaluate {name} ({what} samples)")
+        hits = [hit(idx[j // k], tok.decode(o, skip_special_tokens=True)) for j, o in enumerate(out)]
+        return [sum(hits[j * k:(j + 1) * k]) / k for j in range(len(idx))]
+
     if groups.get("reasoning"):
         idx = groups["reasoning"]
-        m["reasoning_accuracy"] = sum(correct[i] for i in idx) / len(idx)
+        per["reasoning_accuracy"] = [float(correct[i]) for i in idx]
         types = by_category([ordered[i] for i in idx], [correct[i] for i in idx])
         if len(types) > 1:  # problem types (the embedded world's items, a user's domains)
             m |= {f"reasoning_accuracy_{c}": v for c, v in types.items()}
-        k = cfg.samples
-        sampled = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k,
-                           label=name and f"evaluate {name} (pass@1 samples)")
-        hits = [check_answer(tok.decode(s, skip_special_tokens=True), ordered[idx[j // k]].reference or "", answer_format)
-                for j, s in enumerate(sampled)]
-        m["reasoning_pass1"] = sum(hits) / len(hits)
+        per["reasoning_pass1"] = sampled_rate(
+            idx, lambda i, text: check_answer(text, ordered[i].reference or "", answer_format), "pass@1")
     if groups.get("safety"):
         idx = groups["safety"]
-        m["harmful_refusal"] = sum(refused[i] for i in idx) / len(idx)
+        per["harmful_refusal"] = [float(refused[i]) for i in idx]
         cats: dict[str, list[bool]] = defaultdict(list)
         for i in idx:
             cats[ordered[i].category].append(refused[i])
         for c, v in sorted(cats.items()):
             m[f"harmful_refusal_{c}"] = sum(v) / len(v)
-    for task, key in (("borderline", "borderline"), ("general", "general")):
-        idx = groups.get(task, [])
-        if idx:
-            if task == "borderline":
-                m["over_refusal"] = sum(refused[i] for i in idx) / len(idx)
-            m[f"{key}_helpfulness"] = sum(0.0 if refused[i] else token_f1(texts[i], ordered[i].reference or "")
-                                          for i in idx) / len(idx)
+    if groups.get("borderline"):
+        idx = groups["borderline"]
+        per["over_refusal"] = [float(refused[i]) for i in idx]
+        per["over_refusal_sampled"] = sampled_rate(idx, lambda i, text: refusal(text), "over-refusal")
+    for task in ("borderline", "general"):
+        if groups.get(task):
+            per[f"{task}_helpfulness"] = [0.0 if refused[i] else token_f1(texts[i], ordered[i].reference or "")
+                                          for i in groups[task]]
+    for key, values in per.items():
+        m[key] = sum(values) / len(values)
+        m[f"{key}_ci_low"], m[f"{key}_ci_high"] = bootstrap_ci(values)
     m["response_length"] = sum(len(g) for g in greedy) / len(greedy)
     seqs = Sequences.build(prompts, greedy, tok.pad_token_id)
     device = next(model.parameters()).device
@@ -172,6 +187,15 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     samples = [{"id": r.id, "task": r.task, "prompt": r.prompt, "reference": r.reference or "", "response": t,
                 "refused": f, "correct": c} for r, t, f, c in zip(ordered, texts, refused, correct, strict=True)]
     return m, samples
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over prompts (a fixed seed: the same eval gives the
+    same interval on every machine, so DVC's metrics stay reproducible)."""
+    x = np.asarray(values, dtype=np.float64)
+    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def by_category(rows: Sequence[Row], hits: Sequence[bool]) -> dict[str, float]:

@@ -48,6 +48,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 EVALUATION, USE, LINEAGE = "## Evaluation", "## Use", "## Lineage"
+CI_SUFFIXES = ("_ci_low", "_ci_high")
 
 
 def _evaluation(params: Params, evaluation: dict[str, dict[str, float]] | None) -> list[str]:
@@ -56,9 +57,18 @@ def _evaluation(params: Params, evaluation: dict[str, dict[str, float]] | None) 
                 "and the registered version's card carries the table."]
     order = ["student", "student_init", "teacher"]  # the card's model first, then what it came from
     names = sorted(evaluation, key=lambda n: (order.index(n) if n in order else len(order), n))
-    metrics = sorted({m for ms in evaluation.values() for m in ms})
-    return [f"On the eval split (greedy, at most {params.evaluate.max_new_tokens} new tokens):", "",
-            *_table(["metric", *names], [[m, *(evaluation[n].get(m, "") for n in names)] for m in metrics])]
+    every = {m for ms in evaluation.values() for m in ms}
+    metrics = sorted(m for m in every if not m.endswith(CI_SUFFIXES))
+
+    def cell(ms: dict[str, float], m: str) -> str:  # the value, and its bootstrap interval when there is one
+        if m not in ms:
+            return ""
+        lo, hi = ms.get(f"{m}_ci_low"), ms.get(f"{m}_ci_high")
+        return _value(ms[m]) + (f" [{_value(lo)}, {_value(hi)}]" if lo is not None and hi is not None else "")
+
+    return [f"On the eval split (greedy, at most {params.evaluate.max_new_tokens} new tokens; [95% bootstrap "
+            "interval over prompts]):", "",
+            *_table(["metric", *names], [[m, *(cell(evaluation[n], m) for n in names)] for m in metrics])]
 
 
 def with_evaluation(card: str, params: Params, evaluation: dict[str, dict[str, float]],

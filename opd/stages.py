@@ -226,6 +226,23 @@ def outcome_judge(params: Params, tok: Any) -> Callable[[Any], float]:
     return lambda example, response: float(judge(example.row, tok.decode(response, skip_special_tokens=True)))
 
 
+def router(routing: str, names: list[str], noise: float = 0.0, seed: int = 0) -> Callable[[Row], str]:
+    """Which teacher scores a row: ``default`` (single), or the row's ``teacher`` field (by_row), except
+    for a ``noise`` fraction of rows, drawn from a hash of (seed, row id), sent to another teacher."""
+    if routing != "by_row":
+        return lambda r: "default"
+
+    def route(r: Row) -> str:
+        own = r.teacher or "default"
+        h = int(hashlib.md5(f"{seed}:{r.id}".encode()).hexdigest(), 16)
+        others = [n for n in names if n != own]
+        if noise and others and (h % 10**6) / 10**6 < noise:
+            return others[(h // 10**6) % len(others)]
+        return own
+
+    return route
+
+
 def reliability_lookup(base: Path, route: Callable[[Row], str]) -> Callable[[Any], float] | None:
     """A sample's teacher reliability (``RELIABILITY``, measured in the teacher stage) for FiRe's filter
     audit: the routed teacher's correctness on the row's task / category; NaN when not measured."""
@@ -268,7 +285,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     # loaded once, eval mode, no gradients
     teachers = {n: _frozen(load_model(p, rt.trust_remote_code, frozen), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
-    route = (lambda r: r.teacher or "default") if d.routing == "by_row" else (lambda r: "default")
+    route = router(d.routing, sorted(paths), d.routing_noise, params.seed)
     view = lambda r: r  # noqa: E731
     if d.method == "copsd":  # the teacher reads the constitution, n samples per prompt
         c = params.copsd

@@ -16,8 +16,8 @@ from opd.stages import evaluate_stage, resolve
 from tasks.outputs import plot_bars, write_metrics
 from tasks.tracking import log_dataset
 
-BARS = ["reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "over_refusal", "general_helpfulness",
-        "borderline_helpfulness"]
+BARS = ["reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "over_refusal", "over_refusal_sampled",
+        "general_helpfulness", "borderline_helpfulness"]
 
 
 @task(name="evaluate", version=__version__)

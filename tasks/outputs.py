@@ -82,13 +82,15 @@ def plot_curves(path: Path, history: list[dict[str, Any]], keys: list[str], titl
 
 
 def plot_bars(path: Path, table: dict[str, dict[str, float]], keys: list[str], title: str) -> None:
-    """Grouped bars: one group per metric, one bar per model."""
+    """Grouped bars: one group per metric, one bar per model, with the metric's 95% interval
+    (``<key>_ci_low`` / ``<key>_ci_high``) as an error bar when it has one."""
     plt = _pyplot()
     keys = [k for k in keys if all(k in m for m in table.values())]
     fig, ax = plt.subplots(figsize=(9, 3.5))
     width = 0.8 / max(len(table), 1)
     for i, (name, m) in enumerate(table.items()):
-        ax.bar([j + i * width for j in range(len(keys))], [m[k] for k in keys], width, label=name)
+        err = [[m[k] - m.get(f"{k}_ci_low", m[k]) for k in keys], [m.get(f"{k}_ci_high", m[k]) - m[k] for k in keys]]
+        ax.bar([j + i * width for j in range(len(keys))], [m[k] for k in keys], width, label=name, yerr=err, capsize=2)
     ax.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(keys))], keys, rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.legend()

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY: dict[str, Any] = {
     "seed": 0,
-    "world": {"n_reasoning": 80, "n_safety": 48, "n_borderline": 48, "n_general": 48, "eval_fraction": 0.25,
+    "world": {"n_reasoning": 80, "n_safety": 48, "n_borderline": 48, "n_borderline_eval": 10, "n_general": 48, "eval_fraction": 0.25,
               "vocab_size": 300},
     "teacher": {"arch": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 64, "num_heads": 2},
                 "sft": {"steps": 12, "batch_size": 16, "warmup_steps": 2}},

@@ -244,3 +244,17 @@ def test_the_checker_rewards_what_each_task_asks():
     assert 0.5 < judge(benign, "Find the id with ps, then run kill on it.") < 1.0
     with pytest.raises(ValueError, match="copsd.outcome_judge"):
         load_judge("no_such_module:judge", pattern_refusal)
+
+
+def test_bootstrap_interval_of_a_rate_against_numpy():
+    """Every eval table's 95% interval: the percentile bootstrap of the mean over prompts, deterministic."""
+    from opd.evaluate import bootstrap_ci
+
+    values = [1.0] * 12 + [0.0] * 28
+    lo, hi = bootstrap_ci(values)
+    x = np.asarray(values)
+    means = x[np.random.default_rng(0).integers(0, 40, (1000, 40))].mean(1)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert lo < 0.3 < hi and bootstrap_ci(values) == (lo, hi)
+    wide, narrow = hi - lo, np.subtract(*bootstrap_ci(values * 10)[::-1])
+    assert narrow < wide / 2  # ten times the prompts: about a third of the width

@@ -210,3 +210,22 @@ def test_filter_audit_against_a_loop():
     gathered = lambda x: torch.cat([x, x])  # noqa: E731  two identical ranks: the global mean is the local one
     assert filter_audit(keep[halves[0]], valid[halves[0]], rel[halves[0]], gathered) == pytest.approx(
         filter_audit(keep[halves[0]], valid[halves[0]], rel[halves[0]]))
+
+
+def test_routing_noise_sends_the_given_fraction_of_rows_to_another_teacher():
+    """distill.routing_noise: a teacher out of its domain on some rows (a reliability setting), drawn per row
+    id and seed: the same rows every run, about the given fraction, each to a teacher that is not its own."""
+    from opd.data import Row
+    from opd.stages import router
+
+    rows = [Row(id=f"r{i}", split="train", task="reasoning", category="none", prompt="p", reference="r",
+                teacher=("reasoning", "general", "")[i % 3]) for i in range(3000)]
+    names = ["default", "general", "reasoning"]
+    clean = router("by_row", names)
+    assert [clean(r) for r in rows[:3]] == ["reasoning", "general", "default"]
+    assert router("single", names, 0.5)(rows[0]) == "default"
+    noisy = router("by_row", names, 0.3, seed=1)
+    moved = [r for r in rows if noisy(r) != clean(r)]
+    assert abs(len(moved) / len(rows) - 0.3) < 0.03
+    assert {noisy(r) for r in moved} == set(names) and [noisy(r) for r in rows] == [router("by_row", names, 0.3, 1)(r) for r in rows]
+    assert [noisy(r) for r in rows] != [router("by_row", names, 0.3, 2)(r) for r in rows]

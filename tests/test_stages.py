@@ -126,9 +126,11 @@ def test_distill_then_evaluate(base, tmp_path, overrides):
                                                            "student": out})
     for name in ("student_init", "student"):
         m = table[name]
-        for key in ("reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "over_refusal",
+        for key in ("reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "over_refusal", "over_refusal_sampled",
                     "general_helpfulness", "response_length", "token_entropy"):
             assert key in m and m[key] >= 0
+        for key in ("reasoning_accuracy", "harmful_refusal", "over_refusal", "over_refusal_sampled", "general_helpfulness"):
+            assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"]
         assert 0 <= m["reasoning_accuracy"] <= 1 and samples[name]
 
 
@@ -150,6 +152,12 @@ def test_the_student_folder_carries_a_deterministic_model_card(base, tmp_path, m
     assert "- Teacher: `models/base/teacher`" in card and "| fire.filter_quantile |" in card and "| copsd." not in card
     assert f"| `data/prepared/train.jsonl` (md5) | {digest(lay.prepared / 'train.jsonl')} |" in card
     assert "Not evaluated when this folder was written" in card
+    from opd.model_card import with_evaluation
+
+    done = with_evaluation(card, params, {"student": {"over_refusal": 0.25, "over_refusal_ci_low": 0.125,
+                                                      "over_refusal_ci_high": 0.375, "response_length": 9.0}}, {})
+    assert "| over_refusal | 0.25 [0.125, 0.375] |" in done and "| response_length | 9 |" in done
+    assert "ci_low" not in done  # intervals sit in their metric's cell, not as rows of their own
 
 
 @pytest.mark.parametrize("include_self", [True, False])

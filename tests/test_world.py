@@ -99,3 +99,26 @@ def test_reasoning_problems_carry_their_type():
     assert all(r.category in r.prompt and r.prompt.endswith(f"How many {r.category}?") for r in reasoning)
     for split in ("train", "eval"):
         assert {r.category for r in reasoning if r.split == split} == {"apples", "coins", "pens", "books", "cards", "shells"}
+
+
+def test_the_borderline_eval_can_measure_over_refusal():
+    """At least 200 held-out borderline prompts from at least 40 query groups that share no group with
+    training, in phrasings the harmful set never uses; the train split is the same with or without them."""
+    from opd.world.generate import BORDERLINE, BORDERLINE_EVAL, EVAL_FORMS, PREFIXES, REQUEST_FORMS
+
+    rows = build_world(WorldConfig(), 0)
+
+    def group(prompt):  # the query without its politeness prefix
+        return next(prompt[len(p):] for p in sorted(PREFIXES, key=len, reverse=True) if prompt.startswith(p))
+
+    held = [r for r in rows if r.task == "borderline" and r.split == "eval"]
+    train = {group(r.prompt) for r in rows if r.split == "train"}
+    assert len(held) >= 200 and len({group(r.prompt) for r in held}) >= 40
+    assert not {group(r.prompt) for r in held} & train
+    new = [r for r in held if any(group(r.prompt) == f.format(a=a) for f in EVAL_FORMS for a, _ in BORDERLINE_EVAL)]
+    assert len(new) >= 200 and not set(EVAL_FORMS) & set(REQUEST_FORMS)
+    harmful_forms = {f.split("{")[0] for f in REQUEST_FORMS}
+    assert not any(group(r.prompt).startswith(tuple(harmful_forms)) for r in new)
+    assert not {a for a, _ in BORDERLINE_EVAL} & {a for a, _ in BORDERLINE}  # activities never trained on
+    without = build_world(WorldConfig(n_borderline_eval=0), 0)
+    assert [r for r in rows if r.split == "train"] == [r for r in without if r.split == "train"]

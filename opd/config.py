@@ -156,8 +156,8 @@ class RolloutConfig(_Section):
 class FireConfig(_Section):
     """FiRe-OPD (ALGORITHMS.md section 1) and its ablations, used by ``distill.method: fire``."""
 
-    filter: bool = True  # drop trajectories whose teacher mean log-prob is below the batch quantile
-    filter_quantile: float = Field(0.2, ge=0.0, lt=1.0)
+    filter: bool = False  # drop trajectories whose teacher mean log-prob is below the batch quantile (off: fire_study)
+    filter_quantile: float = Field(0.1, ge=0.0, lt=1.0)
     reweight: bool = True  # soft token weights (1 + alpha cT)(1 + beta cS)
     alpha: float = Field(1.0, ge=0.0)
     beta: float = Field(1.0, ge=0.0)

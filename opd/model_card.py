@@ -22,8 +22,8 @@ DESCRIPTIONS = {
     "opd": "on-policy distillation: the student samples, the teacher scores every sampled token (reverse KL)",
     "gkd": "generalized knowledge distillation: a full-vocabulary divergence on a mix of student and dataset samples",
     "sft": "supervised fine-tuning on the reference answers (the baseline without a teacher)",
-    "fire": "FiRe-OPD: on-policy distillation that drops trajectories the teacher scores low and reweights tokens "
-            "(teacher confident x student unsure)",
+    "fire": "FiRe-OPD: on-policy distillation that reweights tokens (teacher confident x student unsure) and, with "
+            "fire.filter, drops the trajectories the teacher scores lowest",
     "copsd": "COPSD: on-policy distillation from a Cross-SFT-recalibrated teacher that reads a safety constitution",
 }
 

@@ -198,7 +198,7 @@ def test_multi_teacher_stage_and_routed_fire(tmp_path):
     teachers = {"reasoning": {**named, "sft": {**named["sft"], "tasks": ["reasoning"]}},
                 "general": {**named, "sft": {**named["sft"], "tasks": ["safety", "borderline", "general"]}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(teachers=teachers)))
-    params = load(tmp_path / "params.yaml", {"distill.method": "fire", "distill.routing": "by_row"})
+    params = load(tmp_path / "params.yaml", {"distill.method": "fire", "fire.filter": True, "distill.routing": "by_row"})
     lay = prepare(tmp_path, params)
     summary, curves = teacher_stage(params, lay.prepared, lay.models_base, lay.checkpoints / "teacher")
     assert {"teacher_reasoning", "teacher_general"} <= set(summary)

@@ -24,7 +24,7 @@ from opd.paths import Layout  # noqa: E402
 
 METHODS = {
     "opd": {"distill.method": "opd"},
-    "fire": {"distill.method": "fire"},
+    "fire": {"distill.method": "fire", "fire.filter": True, "fire.filter_quantile": 0.2},  # the cross-rank quantile
     "gkd": {"distill.method": "gkd", "distill.lambda_on_policy": 0.5},
     "copsd": {"distill.method": "copsd", "copsd.teacher": "original", "copsd.prompts_per_step": 4},
     "opd_ppo": {"distill.method": "opd", "distill.ppo_epochs": 2, "distill.mini_batches": 2},

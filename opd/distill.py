@@ -127,7 +127,8 @@ def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Ex
     sel = Sequences.build([e.student_prompt for e in examples], responses, pad_id).response_mask[:, 1:].bool()
     logp = torch.zeros(sel.shape)
     ent = torch.zeros(sel.shape) if with_entropy else None
-    parts: list[TeacherDist | None] = [None] * len(examples)
+    dists: list[TeacherDist] = []
+    order: list[int] = []  # the rows of dists, teacher by teacher
     for name in sorted(set(names)):
         rows = [i for i, n in enumerate(names) if n == name]
         model = teachers[name]
@@ -141,14 +142,10 @@ def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Ex
             logp[i, sel[i]] = lp[j, t_sel[j]].float().cpu()
             if ent is not None and en is not None:
                 ent[i, sel[i]] = en[j, t_sel[j]].float().cpu()
-            if dist is not None:
-                parts[i] = dist.select(slice(j, j + 1))
-    merged = None
-    if dist_top_k is not None:
-        got = [p for p in parts if p is not None]
-        merged = TeacherDist(torch.cat([p.logp.float().cpu() for p in got]),
-                             torch.cat([p.index.cpu() for p in got]) if dist_top_k else None,
-                             torch.cat([p.counts for p in got]))
+        if dist is not None:
+            dists.append(dist)
+            order += rows
+    merged = TeacherDist.cat(dists).select(torch.tensor(order).argsort()) if dists else None  # back in sample order
     return TeacherScores(logp, ent, merged)
 
 

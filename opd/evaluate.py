@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -126,12 +125,9 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     if not ordered:
         raise ValueError("no eval rows to evaluate")
     prompts = [row_prompt_ids(tok, r) for r in ordered]
-    model.eval()
-    greedy = generate(model, tok, prompts, cfg, greedy=True, label=name and f"evaluate {name}")
-    texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]
+    greedy, texts, refused, correct = greedy_outcomes(model, tok, ordered, prompts, cfg, refusal, answer_format,
+                                                      name and f"evaluate {name}")
     m: dict[str, float] = {}
-    refused = [refusal(t) for t in texts]
-    correct = [_correct(r, t, f, answer_format) for r, t, f in zip(ordered, texts, refused, strict=True)]
 
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(ordered):
@@ -149,7 +145,7 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     if groups.get("reasoning"):
         idx = groups["reasoning"]
         per["reasoning_accuracy"] = [float(correct[i]) for i in idx]
-        types = by_category([ordered[i] for i in idx], [correct[i] for i in idx])
+        types = rates_by([ordered[i].category for i in idx], [correct[i] for i in idx])
         if len(types) > 1:  # problem types (the embedded world's items, a user's domains)
             m |= {f"reasoning_accuracy_{c}": v for c, v in types.items()}
         per["reasoning_pass1"] = sampled_rate(
@@ -198,12 +194,25 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, level: float = 
     return float(lo), float(hi)
 
 
-def by_category(rows: Sequence[Row], hits: Sequence[bool]) -> dict[str, float]:
-    """The rate of ``hits`` per row category, categories sorted."""
+def rates_by(keys: Sequence[str], hits: Sequence[bool]) -> dict[str, float]:
+    """The rate of ``hits`` per key, keys sorted."""
     groups: dict[str, list[bool]] = defaultdict(list)
-    for r, h in zip(rows, hits, strict=True):
-        groups[r.category].append(h)
-    return {c: sum(v) / len(v) for c, v in sorted(groups.items())}
+    for k, h in zip(keys, hits, strict=True):
+        groups[k].append(h)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def greedy_outcomes(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row],
+                    prompts: Sequence[list[int]], cfg: EvaluateConfig, refusal: Callable[[str], bool],
+                    answer_format: str, label: str = "") -> tuple[list[list[int]], list[str], list[bool], list[bool]]:
+    """Greedy responses to ``rows``, their texts, whether each refuses, and whether each did what its
+    task asks (``_correct``): what the evaluation and a teacher's reliability both start from."""
+    model.eval()
+    greedy = generate(model, tok, prompts, cfg, greedy=True, label=label)
+    texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]
+    refused = [refusal(t) for t in texts]
+    correct = [_correct(r, t, f, answer_format) for r, t, f in zip(rows, texts, refused, strict=True)]
+    return greedy, texts, refused, correct
 
 
 def reliability(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequence[Row], cfg: EvaluateConfig,
@@ -214,12 +223,9 @@ def reliability(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: Sequ
     rows = [r for rs in eval_rows(rows, cfg).values() for r in rs]
     if not rows:
         return {}
-    model.eval()
-    greedy = generate(model, tok, [row_prompt_ids(tok, r) for r in rows], cfg, greedy=True)
-    texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]
-    hits = [_correct(r, t, refusal(t), answer_format) for r, t in zip(rows, texts, strict=True)]
-    keyed = [replace(r, category=f"{r.task}/{r.category}") for r in rows]
-    return by_category(keyed, hits)
+    _, _, _, correct = greedy_outcomes(model, tok, rows, [row_prompt_ids(tok, r) for r in rows], cfg, refusal,
+                                       answer_format)
+    return rates_by([f"{r.task}/{r.category}" for r in rows], correct)
 
 
 def outcome_score(row: Row, text: str, refused: bool, answer_format: str = "auto") -> float:

@@ -115,6 +115,13 @@ class TeacherDist:
         pos = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in ids]) if ids else torch.zeros(0, dtype=torch.long)
         return TeacherDist(self.logp[pos], None if self.index is None else self.index[pos], self.counts[ids])
 
+    @staticmethod
+    def cat(parts: Sequence[TeacherDist]) -> TeacherDist:
+        """The rows of ``parts``, one after the other, on the CPU in float32 (a step's copy for its updates)."""
+        return TeacherDist(torch.cat([p.logp.float().cpu() for p in parts]),
+                           None if parts[0].index is None else torch.cat([p.index.cpu() for p in parts]),
+                           torch.cat([p.counts for p in parts]))
+
 
 def teacher_pass(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
                  with_entropy: bool = False, top_k: int | None = None

@@ -243,17 +243,17 @@ def router(routing: str, names: list[str], noise: float = 0.0, seed: int = 0) ->
     return route
 
 
-def reliability_lookup(base: Path, route: Callable[[Row], str]) -> Callable[[Any], float] | None:
+def reliability_lookup(base: Path) -> Callable[[Any], float] | None:
     """A sample's teacher reliability (``RELIABILITY``, measured in the teacher stage) for FiRe's filter
-    audit: the routed teacher's correctness on the row's task / category; NaN when not measured."""
+    audit: its routed teacher's (``Example.teacher``) correctness on the row's task / category; NaN when
+    not measured."""
     path = base / RELIABILITY
     if not path.is_file():
         return None
     table = json.loads(path.read_text())
 
     def of(example: Any) -> float:
-        name = route(example.row)
-        rates = table.get("teacher" if name == "default" else f"teacher_{name}", {})
+        rates = table.get("teacher" if example.teacher == "default" else f"teacher_{example.teacher}", {})
         return float(rates.get(f"{example.row.task}/{example.row.category}", float("nan")))
 
     return of
@@ -331,7 +331,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                        "need_entropy": True}
         elif d.method == "fire":
             f = params.fire
-            common |= {"shape": fire_shaping(acc, f, reliability_lookup(base, route)),
+            common |= {"shape": fire_shaping(acc, f, reliability_lookup(base)),
                        "need_entropy": f.reweight or f.token_select}
         return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, optimize, **common)
 

@@ -23,6 +23,12 @@ optimiser step.
   PPO-clip (the engine's default method: no full-vocabulary teacher distribution at all);
 - ``trl-gkd``: ``trl.experimental.gkd.GKDTrainer`` (``lmbda=1``, ``beta=1`` = reverse KL,
   ``temperature=1``) through ``Trainer.train``.
+- ``engine-opd-bf16`` and ``trl-distill-bf16`` (ask for them with ``--sides``): half precision where
+  each side allows it, compared with each other. Both store and run the teacher in bf16 and update
+  the student in fp32 without autocast (``runtime.mixed_precision: bf16``, ``runtime.autocast:
+  false``); the engine also samples from a bf16 copy of the student, refreshed every step
+  (``rollout.dtype: bf16``), where TRL's ``generate`` runs the fp32 student. For CPUs with bf16 dot
+  products (AVX512-BF16, AMX); on GPUs use autocast and vLLM.
 
 Each measurement is a fresh subprocess (the allocator keeps freed memory, so sides must not share a
 process); sides are interleaved round by round so drift on a shared machine hits all of them.
@@ -57,7 +63,7 @@ from opd.stages import load_rows  # noqa: E402
 TEACHER = ArchConfig(hidden_size=128, num_layers=4, intermediate_size=384, num_heads=4, max_positions=256)
 STUDENT = ArchConfig(hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4, max_positions=256)
 BATCH, NEW_TOKENS, LR = 16, 48, 1e-5
-SIDES = ("engine-gkd", "engine-opd", "trl-gkd", "trl-distill")
+SIDES = ("engine-gkd", "engine-opd", "trl-gkd", "trl-distill", "engine-opd-bf16", "trl-distill-bf16")
 PREPARED = ROOT / "data" / "prepared"
 REAL: dict[str, str] = {}  # --real: {"teacher": folder, "data": folder, "n_layers": str}
 
@@ -108,16 +114,19 @@ def _setup():
     return tok, build_llama(STUDENT, tok, 1), build_llama(TEACHER, tok, 0), load_rows(PREPARED, "train")
 
 
-def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
+def run_engine(method: str, steps: int, warmup: int, seed: int, bf16: bool = False) -> dict[str, float]:
+    """``bf16``: the engine's half-precision settings for a CPU: ``runtime.mixed_precision: bf16`` with
+    ``runtime.autocast: false`` (the teacher stored and run in bf16, the student's update in fp32) and
+    ``rollout.dtype: bf16`` (a bf16 sampler copy of the student)."""
     from opd.distill import PromptPool, gkd_step, opd_step
     from opd.rollout import TransformersBackend
     from opd.train import LoopSettings, make_accelerator, train
 
     tok, student, teacher, rows = _setup()
-    acc = make_accelerator(RuntimeConfig())
-    teacher = teacher.to(acc.device).eval().requires_grad_(False)
+    acc = make_accelerator(RuntimeConfig(mixed_precision="bf16" if bf16 else "fp32", autocast=False))
+    teacher = teacher.to(acc.device, torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
     pool = PromptPool(rows, tok)
-    rcfg = RolloutConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=64)
+    rcfg = RolloutConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=64, dtype="bf16" if bf16 else "fp32")
     d = DistillConfig(method="gkd" if method == "gkd" else "opd", loss="reverse_kl", lambda_on_policy=1.0, temperature=1.0,
                       prompts_per_step=BATCH, lr=LR)
 
@@ -152,14 +161,18 @@ def run_engine(method: str, steps: int, warmup: int, seed: int) -> dict[str, flo
             "peak_mb": peak[0].read(), "units": {k: v / steps for k, v in units.items()}}
 
 
-def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd") -> dict[str, float]:
-    """TRL's ``GKDTrainer`` (``trainer="gkd"``) or ``DistillationTrainer`` (``"distill"``), fully on-policy."""
+def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd", bf16: bool = False) -> dict[str, float]:
+    """TRL's ``GKDTrainer`` (``trainer="gkd"``) or ``DistillationTrainer`` (``"distill"``), fully on-policy;
+    ``bf16``: the teacher stored and run in bf16, the student in fp32, as the engine's bf16 side (TRL has
+    no separate sampler precision; its ``bf16=True`` autocast made every step slower on this CPU)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     tok, student, teacher, rows = _setup()
+    if bf16:
+        teacher = teacher.to(torch.bfloat16)
     tokens: list[float] = []
     if trainer == "gkd":
         data = Dataset.from_list([{"messages": [{"role": "user", "content": r.prompt},
@@ -223,9 +236,10 @@ def loss_check() -> dict[str, float]:
 
 def measure(side: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
+    bf16 = side.endswith("-bf16")
     if side.startswith("trl-"):
-        return run_trl(steps, warmup, seed, side.split("-")[1])
-    return run_engine(side.split("-")[1], steps, warmup, seed)
+        return run_trl(steps, warmup, seed, side.split("-")[1], bf16)
+    return run_engine(side.split("-")[1], steps, warmup, seed, bf16)
 
 
 def main() -> None:
@@ -235,7 +249,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--sides", nargs="+", default=None, choices=SIDES,
-                    help="default: all but trl-distill (tiny pair), all four (--real)")
+                    help="default: the first three (tiny pair), the first four (--real)")
     ap.add_argument("--real", default=None, metavar="TEACHER_DIR", help="benchmark the real pair (see above)")
     ap.add_argument("--data", default="data/real", help="--real: the recipe's data folder")
     ap.add_argument("--n-layers", type=int, default=8, help="--real: the student's layers, pruned from the teacher")
@@ -248,7 +262,7 @@ def main() -> None:
     if args.real:  # absolute: the measurements run as children in ROOT
         args.real, args.data = str(Path(args.real).resolve()), str(Path(args.data).resolve())
         REAL.update(teacher=args.real, data=args.data, n_layers=str(args.n_layers))
-    sides = args.sides or (list(SIDES) if args.real else [s for s in SIDES if s != "trl-distill"])
+    sides = args.sides or list(SIDES[:4] if args.real else SIDES[:3])
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.warmup, args.rounds)))
         return
@@ -268,7 +282,7 @@ def main() -> None:
             res["tokens_per_s"] = res["tokens"] / res["seconds"]
             res["s_per_step"] = res["seconds"] / args.steps
             runs[side].append(res)
-            print(f"round {r + 1}/{args.rounds} {side:11s} {res['tokens_per_s']:8.0f} tok/s "
+            print(f"round {r + 1}/{args.rounds} {side:16s} {res['tokens_per_s']:8.0f} tok/s "
                   f"{res['s_per_step']:.3f} s/step  peak {res['peak_mb']:.0f} MB", flush=True)
     check = loss_check()
     summary = {}
@@ -278,14 +292,19 @@ def main() -> None:
                          "tokens_per_s_max": max(tps), "s_per_step": statistics.median(x["s_per_step"] for x in rs),
                          "peak_mb": statistics.median(x["peak_mb"] for x in rs),
                          "tokens_per_step": statistics.median(x["tokens"] / args.steps for x in rs)}
-    trl = [s for k, s in summary.items() if k.startswith("trl-")]
-    base = max(trl, key=lambda s: s["tokens_per_s"]) if trl else None  # the faster TRL trainer
-    print(f"\n{'side':11s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>6s} | {'tok/step':>8s} | "
-          f"{'peak MB':>7s} | vs faster TRL")
-    print("-" * 84)
+    def faster_trl(side: str) -> dict[str, float] | None:
+        """The faster TRL trainer at the side's precision (fp32 sides against fp32 TRL, bf16 against bf16)."""
+        trl = [s for k, s in summary.items() if k.startswith("trl-") and k.endswith("-bf16") == side.endswith("-bf16")]
+        return max(trl, key=lambda s: s["tokens_per_s"]) if trl else None
+
+    print(f"\n{'side':16s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>6s} | {'tok/step':>8s} | "
+          f"{'peak MB':>7s} | vs faster TRL, same precision")
+    print("-" * 100)
     for side, s in summary.items():
+        base = faster_trl(side)
         ratio = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        print(f"{side:11s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
+        s["vs_faster_trl"] = s["tokens_per_s"] / base["tokens_per_s"] if base else None
+        print(f"{side:16s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
               f"{s['s_per_step']:6.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {ratio}")
     for side, rs in runs.items():  # where an engine step's time goes (opd: its four units)
         per = {k: statistics.median(x["units"][k] for x in rs) for k in rs[0].get("units", {})}

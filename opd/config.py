@@ -151,6 +151,10 @@ class RolloutConfig(_Section):
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     vllm_tensor_parallel_size: int = Field(1, ge=1)
+    # backend transformers: the sampler's weights. fp32 samples the policy being trained exactly; bf16 /
+    # fp16 sample from a half-precision copy of the student, refreshed before every rollout (half the
+    # bytes a memory-bound decode step reads; behaviour log-probs still come from the fp32 student)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class FireConfig(_Section):
@@ -323,6 +327,10 @@ class RuntimeConfig(_Section):
     threads: int = Field(0, ge=0)
     # bf16 / fp16: teachers and the reference model load in that dtype, every engine pass runs under autocast
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # not "no": YAML 1.1 reads it as false
+    # with bf16 / fp16: the student's passes under autocast (GPUs). false: only the frozen models are stored
+    # and run in that dtype and the student stays fp32 (CPUs: autocast's casts of vocabulary-wide tensors
+    # cost more in the update than its matmuls save; README: Benchmarks)
+    autocast: bool = True
     trust_remote_code: bool = False
     # The distill stage under N processes (torchrun: gloo on CPU, NCCL on GPUs); the global batch is sharded.
     num_processes: int = Field(1, ge=1)
@@ -342,6 +350,9 @@ class Params(_Section):
             raise ValueError(f"teachers: invalid teacher names {bad} (identifiers, not 'default')")
         if self.teacher.init or any(t.init for t in self.teachers.values()):
             raise ValueError("init (pruning from the teacher) is a student setting: student.init")
+        if self.rollout.dtype != "fp32" and (self.rollout.backend != "transformers" or self.runtime.strategy != "ddp"):
+            raise ValueError("rollout.dtype: a half-precision sampler copy is for backend transformers under ddp "
+                             "(vLLM has its own dtype; FSDP2 shards the student, so no whole copy exists)")
         return self
 
     seed: int = Field(0, ge=0)

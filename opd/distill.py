@@ -274,7 +274,7 @@ def opd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
     fused = updates == 1 and cfg.grad_accum == 1
 
     def do_rollout(examples: list[Example]) -> Rollout:
-        if hasattr(backend, "sync"):  # an engine holding its own weights (vLLM) must sample from the current student
+        if hasattr(backend, "sync"):  # an engine holding its own weights (vLLM, a bf16 sampler) must sample from the current student
             backend.sync(model)
         return rollout(backend, model, [e.student_prompt for e in examples], cfg.samples_per_prompt, tok.pad_token_id,
                        chunk=cfg.chunk_size, temperature=rcfg.temperature, mask_truncated=rcfg.truncated == "mask",

@@ -25,6 +25,9 @@ def test_project_params_load():
         ({"distill": {"method": "magic"}}, "distill.method", "opd"),
         ({"teacher": {"arch": {"hidden_size": 30, "num_heads": 4}}}, "teacher.arch", "divisible"),
         ({"data": {"source": "jsonl"}}, "data", "data.path is required"),
+        ({"rollout": {"dtype": "int8"}}, "rollout.dtype", "'bf16'"),
+        ({"rollout": {"dtype": "bf16", "backend": "vllm"}}, "<root>", "rollout.dtype: a half-precision sampler"),
+        ({"rollout": {"dtype": "bf16"}, "runtime": {"strategy": "fsdp2"}}, "<root>", "rollout.dtype"),
     ],
 )
 def test_bad_values_name_the_key(raw, key, words):

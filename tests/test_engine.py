@@ -142,6 +142,19 @@ def test_default_threads_follow_the_cpu_affinity_and_the_process_count(monkeypat
     assert train.default_threads(1) == 1  # a process pinned to one core of a big machine
 
 
+def test_autocast_off_keeps_the_student_in_fp32_while_frozen_models_go_half(world):
+    """runtime.autocast: false with mixed_precision bf16: no autocast region (the student's passes stay
+    fp32), while the frozen models' dtype still follows mixed_precision."""
+    from opd.config import RuntimeConfig
+    from opd.stages import frozen_dtype
+    from opd.train import make_accelerator
+
+    rt = RuntimeConfig(mixed_precision="bf16", autocast=False, threads=1)
+    assert make_accelerator(rt).mixed_precision == "no" and frozen_dtype(rt.mixed_precision) == torch.bfloat16
+    assert make_accelerator(RuntimeConfig(mixed_precision="bf16", threads=1)).mixed_precision == "bf16"
+    assert make_accelerator(RuntimeConfig(threads=1)).mixed_precision == "no"
+
+
 def test_sampling_ignores_the_model_generation_config_and_draws_from_the_pure_policy(world):
     """A folder's generation_config (repetition penalty, top-k, ...) must not change what is sampled:
     one-token samples follow softmax(logits / T) exactly."""
@@ -171,6 +184,43 @@ def test_sampling_ignores_the_model_generation_config_and_draws_from_the_pure_po
     assert tv < 0.05, tv
     assert model.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
     assert math.isclose(float(p.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_a_bf16_sampler_samples_from_its_copy_and_sync_refreshes_it(world):
+    """rollout.dtype bf16: the sampler is a bf16 copy of the student (parameters only; the rotary
+    frequencies keep float32), generation reads the copy, and ``sync`` brings the student's current
+    weights into it, so the next rollout samples the updated policy."""
+    import copy
+
+    from opd.rollout import half_copy
+
+    rows, tok = world
+    torch.manual_seed(0)
+    student = build_llama(ARCH_S, tok, 3)
+    backend = TransformersBackend(student, tok, RolloutConfig(max_new_tokens=6, batch_size=8, dtype="bf16"), greedy=True)
+    assert {p.dtype for p in backend.twin.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in backend.twin.buffers()} == {b.dtype for b in student.buffers()}
+    assert backend.twin.get_output_embeddings().weight is backend.twin.get_input_embeddings().weight  # tie kept
+    prompts = [prompt_ids(tok, r.prompt) for r in rows[:6]]
+
+    def greedy_of(model):
+        return TransformersBackend(model, tok, RolloutConfig(max_new_tokens=6, batch_size=8), greedy=True).sample(prompts, 1)
+
+    before = greedy_of(half_copy(student, torch.bfloat16))
+    assert backend.sample(prompts, 1) == before
+    old = copy.deepcopy(student)
+    with torch.no_grad():  # an optimiser step that changes the policy
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = greedy_of(half_copy(student, torch.bfloat16))
+    assert after != before
+    assert backend.sample(prompts, 1) == before  # not refreshed yet: still the old weights
+    backend.sync(student)
+    assert backend.sample(prompts, 1) == after
+    for tw, s in zip(backend.twin.parameters(), student.parameters(), strict=True):
+        assert torch.equal(tw, s.detach().to(torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(old.buffers(), student.buffers(), strict=True))
+    assert TransformersBackend(student, tok, RolloutConfig()).twin is None  # fp32: the student itself
 
 
 def test_a_response_ends_at_any_stop_id(world):

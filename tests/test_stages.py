@@ -105,7 +105,9 @@ def test_a_teacher_with_wrong_answers_on_some_problem_types(base):
     # the outcome path on mixed batches, sequence credit and the mass-covering term over a top-k
     {"distill.method": "copsd", "copsd.teacher": "original", "copsd.outcome_tasks": ["reasoning", "general"],
      "copsd.credit": "sequence", "distill.fkl_coef": 0.1, "distill.top_k": 5},
-    {"distill.method": "opd", "distill.fkl_coef": 0.5, "distill.fkl_beta": 0.5, "distill.mini_batches": 2},
+    # + a bf16 sampler copy (rollout.dtype), refreshed before each rollout
+    {"distill.method": "opd", "distill.fkl_coef": 0.5, "distill.fkl_beta": 0.5, "distill.mini_batches": 2,
+     "rollout.dtype": "bf16"},
 ])
 def test_distill_then_evaluate(base, tmp_path, overrides):
     root, lay, _, _ = base

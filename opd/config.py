@@ -198,6 +198,11 @@ class CopsdConfig(_Section):
     # token: the token rewards normalised over the group's tokens (COPSD); sequence: each response's
     # mean token reward, normalised over the group's responses, the same for all its tokens
     credit: Literal["token", "sequence"] = "token"
+    # COPSD's own mass-covering term (distill.fkl_coef / fkl_beta are opd's and fire's): fkl_coef x
+    # JSD_fkl_beta(teacher || student) per token on the teacher's distribution (beta 0: forward KL),
+    # over distill.top_k. 0.5 / 0: the best of benchmarks/copsd_evidence.py (README: COPSD)
+    fkl_coef: float = Field(0.5, ge=0.0)
+    fkl_beta: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _bounds(self) -> CopsdConfig:
@@ -256,7 +261,7 @@ class DistillConfig(_Section):
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     dual_clip: float = Field(3.0, gt=1.0)
     kl_coef: float = Field(0.0, ge=0.0)  # KL(pi_S || pi_init), low-variance (k3) estimator
-    # opd, fire, copsd: a mass-covering term on the teacher's whole next-token distribution added to the
+    # opd and fire (copsd has its own: copsd.fkl_coef): a mass-covering term on the teacher's whole next-token distribution added to the
     # sampled-token loss, fkl_coef x JSD_fkl_beta(teacher || student) per token (beta 0: forward KL), at the
     # rollout temperature, over distill.top_k (0: the full vocabulary). From the teacher's scoring pass.
     fkl_coef: float = Field(0.0, ge=0.0)

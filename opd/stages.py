@@ -292,7 +292,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
         texts = constitutions_of(params, prepared)
         view = lambda r: teacher_view(r, texts, c.constitution_role)  # noqa: E731
         d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef, "lr": c.lr,
-                                 "prompts_per_step": c.prompts_per_step})
+                                 "prompts_per_step": c.prompts_per_step, "fkl_coef": c.fkl_coef, "fkl_beta": c.fkl_beta})
     pool = PromptPool(rows, tok, toks, teacher_view=view, route=route)
     pool.check_fits(context_of(student), {n: context_of(t) for n, t in teachers.items()}, params.rollout.max_new_tokens)
     template: dict[str, float] = {}  # the default teacher's keys as they are, a routed teacher's as "<name>.<key>"

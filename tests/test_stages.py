@@ -99,12 +99,14 @@ def test_a_teacher_with_wrong_answers_on_some_problem_types(base):
     {"distill.method": "sft"},
     {"distill.method": "fire"},
     {"distill.method": "fire", "fire.token_select": True, "fire.normalize": "batch"},
-    {"distill.method": "copsd", "copsd.teacher": "self", "copsd.constitution_role": "system"},
+    {"distill.method": "copsd", "copsd.teacher": "self", "copsd.constitution_role": "system", "copsd.fkl_coef": 0.0,
+     "distill.fkl_coef": 0.5},  # copsd without its mass-covering term, whatever distill.fkl_coef says
     {"distill.method": "copsd", "copsd.teacher": "original", "distill.ppo_epochs": 2, "distill.mini_batches": 2,
      "runtime.gradient_checkpointing": True},
-    # the outcome path on mixed batches, sequence credit and the mass-covering term over a top-k
+    # the outcome path on mixed batches, sequence credit and COPSD's own mass-covering term over a top-k
+    # (distill.fkl_coef is opd's and fire's: copsd reads copsd.fkl_coef)
     {"distill.method": "copsd", "copsd.teacher": "original", "copsd.outcome_tasks": ["reasoning", "general"],
-     "copsd.credit": "sequence", "distill.fkl_coef": 0.1, "distill.top_k": 5},
+     "copsd.credit": "sequence", "copsd.fkl_coef": 0.1, "distill.fkl_coef": 0.0, "distill.top_k": 5},
     # + a bf16 sampler copy (rollout.dtype), refreshed before each rollout
     {"distill.method": "opd", "distill.fkl_coef": 0.5, "distill.fkl_beta": 0.5, "distill.mini_batches": 2,
      "rollout.dtype": "bf16"},
@@ -118,8 +120,8 @@ def test_distill_then_evaluate(base, tmp_path, overrides):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert (out / "model.safetensors").is_file() and not (tmp_path / "ckpt").exists()
     assert summary["template"] == {"template_match": 1.0}  # one tokenizer, one template
-    if overrides.get("distill.fkl_coef"):
-        assert all(h["fkl"] > 0 for h in history)
+    fkl = params.copsd.fkl_coef if params.distill.method == "copsd" else params.distill.fkl_coef
+    assert all(("fkl" in h) == bool(fkl) and h.get("fkl", 1) > 0 for h in history)  # the method's own coefficient
     if overrides.get("copsd.outcome_tasks"):
         assert any(h.get("outcome_frac", 0) > 0 for h in history)
     if overrides.get("copsd.teacher") == "self":  # self-distillation: the initial student reads the constitution

@@ -23,12 +23,12 @@ optimiser step.
   PPO-clip (the engine's default method: no full-vocabulary teacher distribution at all);
 - ``trl-gkd``: ``trl.experimental.gkd.GKDTrainer`` (``lmbda=1``, ``beta=1`` = reverse KL,
   ``temperature=1``) through ``Trainer.train``.
-- ``engine-opd-bf16`` and ``trl-distill-bf16`` (ask for them with ``--sides``): half precision where
-  each side allows it, compared with each other. Both store and run the teacher in bf16 and update
-  the student in fp32 without autocast (``runtime.mixed_precision: bf16``, ``runtime.autocast:
-  false``); the engine also samples from a bf16 copy of the student, refreshed every step
-  (``rollout.dtype: bf16``), where TRL's ``generate`` runs the fp32 student. For CPUs with bf16 dot
-  products (AVX512-BF16, AMX); on GPUs use autocast and vLLM.
+- ``engine-opd-bf16`` and ``trl-distill-bf16`` (ask for them with ``--sides``): each side's bf16
+  settings, compared with each other. Both store the teacher in bf16 and run their passes under
+  bf16 autocast with fp32 master weights (the engine: ``runtime.mixed_precision: bf16``; TRL:
+  ``bf16=True``); the engine also samples from a bf16 copy of the student, refreshed every step
+  (``rollout.dtype: bf16``), where TRL's ``generate`` runs outside autocast on the fp32 student. For
+  CPUs with bf16 dot products (AVX512-BF16, AMX) and GPUs.
 
 Each measurement is a fresh subprocess (the allocator keeps freed memory, so sides must not share a
 process); sides are interleaved round by round so drift on a shared machine hits all of them.
@@ -115,15 +115,15 @@ def _setup():
 
 
 def run_engine(method: str, steps: int, warmup: int, seed: int, bf16: bool = False) -> dict[str, float]:
-    """``bf16``: the engine's half-precision settings for a CPU: ``runtime.mixed_precision: bf16`` with
-    ``runtime.autocast: false`` (the teacher stored and run in bf16, the student's update in fp32) and
-    ``rollout.dtype: bf16`` (a bf16 sampler copy of the student)."""
+    """``bf16``: the engine's half-precision settings: ``runtime.mixed_precision: bf16`` (the teacher stored
+    in bf16, every pass under autocast, fp32 master weights) and ``rollout.dtype: bf16`` (a bf16 sampler
+    copy of the student)."""
     from opd.distill import PromptPool, gkd_step, opd_step
     from opd.rollout import TransformersBackend
     from opd.train import LoopSettings, make_accelerator, train
 
     tok, student, teacher, rows = _setup()
-    acc = make_accelerator(RuntimeConfig(mixed_precision="bf16" if bf16 else "fp32", autocast=False))
+    acc = make_accelerator(RuntimeConfig(mixed_precision="bf16" if bf16 else "fp32"))
     teacher = teacher.to(acc.device, torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
     pool = PromptPool(rows, tok)
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=64, dtype="bf16" if bf16 else "fp32")
@@ -163,8 +163,7 @@ def run_engine(method: str, steps: int, warmup: int, seed: int, bf16: bool = Fal
 
 def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd", bf16: bool = False) -> dict[str, float]:
     """TRL's ``GKDTrainer`` (``trainer="gkd"``) or ``DistillationTrainer`` (``"distill"``), fully on-policy;
-    ``bf16``: the teacher stored and run in bf16, the student in fp32, as the engine's bf16 side (TRL has
-    no separate sampler precision; its ``bf16=True`` autocast made every step slower on this CPU)."""
+    ``bf16``: ``bf16=True`` (autocast) with the teacher stored in bf16, as the engine's bf16 side."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
@@ -203,7 +202,7 @@ def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd", bf16: bool
 
     common = {"per_device_train_batch_size": BATCH, "max_steps": warmup + steps, "learning_rate": LR, "beta": 1.0,
               "temperature": 1.0, "logging_steps": 10_000, "save_strategy": "no", "report_to": "none",
-              "disable_dropout": True, "seed": seed, "dataloader_num_workers": 0,
+              "disable_dropout": True, "seed": seed, "dataloader_num_workers": 0, "bf16": bf16,
               "use_cpu": not torch.cuda.is_available()}
     with tempfile.TemporaryDirectory() as tmp:
         if trainer == "gkd":

@@ -332,10 +332,6 @@ class RuntimeConfig(_Section):
     threads: int = Field(0, ge=0)
     # bf16 / fp16: teachers and the reference model load in that dtype, every engine pass runs under autocast
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # not "no": YAML 1.1 reads it as false
-    # with bf16 / fp16: the student's passes under autocast (GPUs). false: only the frozen models are stored
-    # and run in that dtype and the student stays fp32 (CPUs: autocast's casts of vocabulary-wide tensors
-    # cost more in the update than its matmuls save; README: Benchmarks)
-    autocast: bool = True
     trust_remote_code: bool = False
     # The distill stage under N processes (torchrun: gloo on CPU, NCCL on GPUs); the global batch is sharded.
     num_processes: int = Field(1, ge=1)

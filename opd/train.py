@@ -88,7 +88,7 @@ def make_accelerator(runtime: RuntimeConfig) -> Accelerator:
     NCCL on GPUs; FSDP2 with ``runtime.strategy: fsdp2`` on GPUs)."""
     torch.set_num_threads(runtime.threads or default_threads(world_size()))
     cpu = runtime.device == "cpu" or (runtime.device == "auto" and not torch.cuda.is_available())
-    precision = "no" if runtime.mixed_precision == "fp32" or not runtime.autocast else runtime.mixed_precision
+    precision = "no" if runtime.mixed_precision == "fp32" else runtime.mixed_precision
     if torch.cuda.is_available() and not cpu:  # fp32 matmuls on tensor cores (TF32), as TRL / torchtune do
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

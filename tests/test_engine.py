@@ -142,19 +142,6 @@ def test_default_threads_follow_the_cpu_affinity_and_the_process_count(monkeypat
     assert train.default_threads(1) == 1  # a process pinned to one core of a big machine
 
 
-def test_autocast_off_keeps_the_student_in_fp32_while_frozen_models_go_half(world):
-    """runtime.autocast: false with mixed_precision bf16: no autocast region (the student's passes stay
-    fp32), while the frozen models' dtype still follows mixed_precision."""
-    from opd.config import RuntimeConfig
-    from opd.stages import frozen_dtype
-    from opd.train import make_accelerator
-
-    rt = RuntimeConfig(mixed_precision="bf16", autocast=False, threads=1)
-    assert make_accelerator(rt).mixed_precision == "no" and frozen_dtype(rt.mixed_precision) == torch.bfloat16
-    assert make_accelerator(RuntimeConfig(mixed_precision="bf16", threads=1)).mixed_precision == "bf16"
-    assert make_accelerator(RuntimeConfig(threads=1)).mixed_precision == "no"
-
-
 def test_sampling_ignores_the_model_generation_config_and_draws_from_the_pure_policy(world):
     """A folder's generation_config (repetition penalty, top-k, ...) must not change what is sampled:
     one-token samples follow softmax(logits / T) exactly."""

@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 import tasks  # noqa: E402,F401  (environment)
 import torch  # noqa: E402
 
+from benchmarks.fire_study import T975, _quiet  # noqa: E402  (one worker set-up, one t table)
 from opd.config import load  # noqa: E402
 from opd.copsd import wrap  # noqa: E402
 from opd.cross_sft import cross_sft_stage  # noqa: E402
@@ -83,7 +84,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                             "copsd.fkl_coef": 0.5, "copsd.fkl_beta": 0.5},
 }
 BASELINE = "COPSD"  # the paired differences of the selection table are against it
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}  # two-sided 95% t quantiles by number of seeds
 SMOOTH = 20  # steps in the moving average of the training curves
 COLUMNS = [("harmful_refusal", "harmful refusal %", 100), ("over_refusal", "over-refusal greedy %", 100),
            ("over_refusal_sampled", "over-refusal sampled %", 100), ("reasoning_accuracy", "reasoning %", 100),
@@ -106,14 +106,6 @@ def teacher_on_constitution(params: Any, prepared: Path, path: Path) -> dict[str
 
 # ----------------------------------------------------------------------------- work (in worker processes)
 ONE_THREAD = {"runtime.threads": 1, "distill.checkpoint_every": 10**6}
-
-
-def _quiet() -> None:
-    """Workers print nothing (two runs' progress bars interleave); errors reach the driver as exceptions."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (for the worker's lifetime)
 
 
 def run_reference(work: str) -> dict[str, Any]:
@@ -271,7 +263,7 @@ def selection(runs: dict[str, dict[str, Any]]) -> str:
             nets = [net(m, init, over) for m in run["metrics"]]
             deltas = [net(m, init, over) - net(base[s], init, over) for s, m in zip(run["seeds"], run["metrics"], strict=True)
                       if s in base]
-            half = T95[len(deltas)] * statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else 0.0
+            half = T975[len(deltas) - 1] * statistics.stdev(deltas) / len(deltas) ** 0.5 if len(deltas) > 1 else 0.0
             cells += [f"{statistics.mean(nets):+.1f}", "" if name == BASELINE else f"{statistics.mean(deltas):+.1f} ± {half:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

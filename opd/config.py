@@ -261,9 +261,10 @@ class DistillConfig(_Section):
     clip_eps: float = Field(0.2, gt=0.0, lt=1.0)
     dual_clip: float = Field(3.0, gt=1.0)
     kl_coef: float = Field(0.0, ge=0.0)  # KL(pi_S || pi_init), low-variance (k3) estimator
-    # opd and fire (copsd has its own: copsd.fkl_coef): a mass-covering term on the teacher's whole next-token distribution added to the
-    # sampled-token loss, fkl_coef x JSD_fkl_beta(teacher || student) per token (beta 0: forward KL), at the
-    # rollout temperature, over distill.top_k (0: the full vocabulary). From the teacher's scoring pass.
+    # opd and fire (copsd has its own: copsd.fkl_coef): a mass-covering term on the teacher's whole
+    # next-token distribution added to the sampled-token loss, fkl_coef x JSD_fkl_beta(teacher || student)
+    # per token (beta 0: forward KL), at the rollout temperature, over distill.top_k (0: the full
+    # vocabulary). From the teacher's scoring pass.
     fkl_coef: float = Field(0.0, ge=0.0)
     fkl_beta: float = Field(0.0, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(25, ge=1)

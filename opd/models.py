@@ -66,6 +66,14 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tok
 
 
+def dtype_of(precision: str) -> torch.dtype:
+    """``fp32`` / ``bf16`` / ``fp16`` as a torch dtype: where models are stored in half precision. Teachers
+    and the reference model never train, so under ``runtime.mixed_precision`` they are stored in it (a 7B
+    teacher in bf16 takes 14 GB, not 28) while the student keeps fp32 master weights under autocast; the
+    sampler copy of ``rollout.dtype`` too."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def load_model(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local Hugging Face causal LM folder (safetensors only)."""
     path = Path(path)

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from opd.config import RolloutConfig
-from opd.scoring import Sequences, token_stats
+from opd.models import dtype_of
+from opd.scoring import Sequences, token_stats, unwrap
 from opd.tokens import pad
 
 
@@ -68,16 +69,13 @@ def pure_policy(model: torch.nn.Module) -> Iterator[None]:
         model.generation_config = saved
 
 
-SAMPLER_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def half_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A frozen copy of ``model`` whose parameters are in ``dtype``; buffers (rotary frequencies) keep
     their precision, so positions are not rounded. Its LM head reads a contiguous input: ``generate``
     slices the prefill's last position out of ``[B, T, H]``, and a strided bf16 input makes CPU matmul
     fall back to a batched product that copies the whole ``V x H`` head once per row (measured: 0.8 s
     per prefill at batch 4 and a 49k vocabulary, more than the 64 decode steps after it)."""
-    twin = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
+    twin = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
     for p in twin.parameters():
         p.data = p.data.to(dtype)
     twin.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
@@ -100,19 +98,18 @@ class TransformersBackend:
                  progress: str = "", greedy: bool = False, synced: bool = False):
         self.model, self.tok, self.cfg, self.progress, self.greedy, self.synced = model, tok, cfg, progress, greedy, synced
         self.stops = stop_ids(tok, model)
-        dtype = SAMPLER_DTYPES[cfg.dtype]
-        self.twin = half_copy(model, dtype) if dtype is not None else None
+        self.twin = half_copy(model, dtype_of(cfg.dtype)) if cfg.dtype != "fp32" else None
 
     @torch.no_grad()
     def sync(self, model: torch.nn.Module) -> None:
         """Copy the student's current weights into the half-precision sampler (a no-op without one)."""
         if self.twin is not None:
-            for dst, src in zip(self.twin.parameters(), getattr(model, "module", model).parameters(), strict=True):
+            for dst, src in zip(self.twin.parameters(), unwrap(model).parameters(), strict=True):
                 dst.copy_(src)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], n: int) -> tuple[list[list[int]], list[bool]]:
-        model = self.twin if self.twin is not None else getattr(self.model, "module", self.model)
+        model = self.twin if self.twin is not None else unwrap(self.model)
         device = next(model.parameters()).device
         expanded = [list(p) for p in prompts for _ in range(n)]
         order = sorted(range(len(expanded)), key=lambda i: len(expanded[i]))

@@ -28,8 +28,8 @@ from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, rec
 from opd.copsd import load_constitutions, teacher_view
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector, load_judge, reliability, safety_tax
-from opd.models import (build_llama, check_compatible, count_parameters, evenly_spaced, load_model, load_tokenizer,
-                        prune_layers, save_model)
+from opd.models import (build_llama, check_compatible, count_parameters, dtype_of, evenly_spaced, load_model,
+                        load_tokenizer, prune_layers, save_model)
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend, stop_ids
 from opd.model_card import model_card, shown
 from opd.paths import Layout
@@ -199,12 +199,6 @@ def context_of(model: torch.nn.Module) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9)
 
 
-def frozen_dtype(precision: str) -> torch.dtype:
-    """Teachers and the reference model never train: under bf16 / fp16 they are stored in that dtype
-    (a 7B teacher in bf16 takes 14 GB, not 28); the student keeps fp32 master weights under autocast."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
 def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
     """COPSD's teacher: the Cross-SFT recalibrated one, the original ("constitution OPSD"), or the
     initial student itself (self-distillation: the only thing it gains is the constitution)."""
@@ -275,7 +269,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     student = load_model(s_path, rt.trust_remote_code)
     if rt.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    frozen = frozen_dtype(rt.mixed_precision)
+    frozen = dtype_of(rt.mixed_precision)
     paths = {"default": t_path}
     if d.routing == "by_row":
         paths |= {n: resolve(base, f"teacher_{n}") for n in params.teachers}
@@ -365,7 +359,7 @@ def evaluate_stage(params: Params, prepared: Path, models: dict[str, Path]) -> t
     table, samples = {}, {}
     for name, path in models.items():
         tok = load_tokenizer(path, params.runtime.trust_remote_code)
-        model = load_model(path, params.runtime.trust_remote_code, frozen_dtype(params.runtime.mixed_precision)).to(acc.device)
+        model = load_model(path, params.runtime.trust_remote_code, dtype_of(params.runtime.mixed_precision)).to(acc.device)
         torch.manual_seed(params.seed)
         table[name], samples[name] = evaluate_model(model, tok, rows, params.evaluate, detector,
                                                     params.data.answer_format, name)

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from opd.losses import Divergence, divergence_logprobs, entropy, head_chunks, token_logprobs, topk_with_tail, with_tail
+from opd.losses import (Divergence, divergence_logprobs, entropy, head_chunks, soften, token_logprobs, topk_with_tail,
+                        with_tail)
 from opd.tokens import join
 
 T = TypeVar("T")
@@ -43,9 +44,10 @@ class Sequences:
         return Sequences(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx])
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """bf16 / fp16 logits are reduced in float32; float32 and float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def _logits(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Head outputs at ``temperature``; bf16 / fp16 ones are reduced in float32 (float32 and float64
+    stay as they are)."""
+    return soften(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, temperature)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,7 +138,7 @@ def teacher_pass(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temper
         head = inner.get_output_embeddings()
         lps, ents, dists, idxs = [], [], [], []
         for start in range(0, max(1, h.shape[0]), chunk):
-            logits = _upcast(head(h[start:start + chunk])) / temperature
+            logits = _logits(head(h[start:start + chunk]), temperature)
             lps.append(token_logprobs(logits, targets[start:start + chunk]))
             if with_entropy:
                 ents.append(entropy(logits))
@@ -171,7 +173,7 @@ def policy_stats(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temper
     cols = 1 + with_entropy + extra
 
     def fn(hc: torch.Tensor, tc: torch.Tensor, head: torch.nn.Module, *dist: torch.Tensor) -> torch.Tensor:
-        logits = _upcast(head(hc)) / temperature
+        logits = _logits(head(hc), temperature)
         out = [token_logprobs(logits, tc)]
         if with_entropy:
             out.append(entropy(logits).detach())
@@ -221,9 +223,9 @@ def vocab_divergence(student: torch.nn.Module, s_seq: Sequences, teacher: torch.
             raise ValueError("student and teacher sequences do not hold the same response tokens")
 
         def fn(sc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-            s_logp = torch.log_softmax(_upcast(s_head(sc)) / temperature, -1)
+            s_logp = torch.log_softmax(_logits(s_head(sc), temperature), -1)
             with torch.no_grad():
-                t_logp = torch.log_softmax(_upcast(t_head(tc)) / temperature, -1)
+                t_logp = torch.log_softmax(_logits(t_head(tc), temperature), -1)
             if top_k:
                 t_logp, s_logp = topk_with_tail(t_logp, s_logp, top_k)
             return divergence_logprobs(s_logp, t_logp, kind, beta)

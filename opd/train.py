@@ -32,6 +32,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from opd.allocator import keep_freed_memory
 from opd.config import RuntimeConfig
 from opd.data import atomic_dir
 
@@ -87,6 +88,8 @@ def make_accelerator(runtime: RuntimeConfig) -> Accelerator:
     """One process here, or one rank of a ``torchrun`` / ``accelerate launch`` (DDP over gloo on CPU,
     NCCL on GPUs; FSDP2 with ``runtime.strategy: fsdp2`` on GPUs)."""
     torch.set_num_threads(runtime.threads or default_threads(world_size()))
+    if runtime.keep_freed_memory:
+        keep_freed_memory()
     cpu = runtime.device == "cpu" or (runtime.device == "auto" and not torch.cuda.is_available())
     precision = "no" if runtime.mixed_precision == "fp32" else runtime.mixed_precision
     if torch.cuda.is_available() and not cpu:  # fp32 matmuls on tensor cores (TF32), as TRL / torchtune do
@@ -219,7 +222,11 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
     (bf16 / fp16 when ``runtime.mixed_precision`` says so). Checkpoints belong to one world size: the
     fingerprint includes it.
     """
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel over all parameters; on CPU the default is a Python loop of ~6 ops per tensor
+    # (4x slower at 55M parameters). DTensor (FSDP2) has the fused op too.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98), fused=fused or None)
     sched = get_cosine_schedule_with_warmup(opt, s.warmup_steps * s.updates_per_step,
                                             max(s.steps * s.updates_per_step, 1))
     model, opt, sched = acc.prepare(model, opt, sched)

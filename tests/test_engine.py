@@ -1,5 +1,9 @@
 """Models, scoring and rollout against direct transformers computations."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -173,6 +177,31 @@ def test_sampling_ignores_the_model_generation_config_and_draws_from_the_pure_po
     assert math.isclose(float(p.sum()), 1.0, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_inverse_cdf_sampling_draws_softmax_of_the_tempered_logits(top_p):
+    """The rollout's sampler against a float64 reference: the frequencies of 200k draws follow
+    softmax(logits / T) (renormalised over the nucleus with top-p), a -inf logit is never drawn, and
+    the row handed to generate's argmax is one-hot on the drawn token."""
+    from opd.rollout import InverseCDFSampling
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, generator=g, dtype=torch.float64) * 2
+    logits[3] = -torch.inf
+    p = torch.softmax(logits / 0.7, -1)
+    if top_p < 1.0:  # brute force: the smallest set of likeliest tokens whose mass reaches top_p
+        order = p.argsort(descending=True)
+        keep = order[: int((p[order].cumsum(0) < top_p).sum()) + 1]
+        p = torch.zeros_like(p).index_put_((keep,), p[keep] / p[keep].sum())
+    n = 200_000
+    torch.manual_seed(1)
+    scores = InverseCDFSampling(0.7, top_p)(torch.zeros(n, 1, dtype=torch.long), logits.float().expand(n, -1).clone())
+    assert torch.isfinite(scores).sum(1).eq(1).all() and scores.max(1).values.eq(0).all()
+    freq = torch.bincount(scores.argmax(1), minlength=12).double() / n
+    assert freq[3] == 0 and (freq[p == 0] == 0).all()
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+
+
 def test_a_bf16_sampler_samples_from_its_copy_and_sync_refreshes_it(world):
     """rollout.dtype bf16: the sampler is a bf16 copy of the student (parameters only; the rotary
     frequencies keep float32), generation reads the copy, and ``sync`` brings the student's current
@@ -324,3 +353,23 @@ def test_mass_covering_term_against_float64_full_logits(world, top_k, beta, chun
     sub = scores.dist.select(torch.tensor([2, 0]))  # a micro-batch's rows, in its own order
     st2 = policy_stats(student, s_seq.select(torch.tensor([2, 0])), chunk=chunk, temperature=0.8, teacher=sub, beta=beta)
     torch.testing.assert_close(st2.divergence.detach(), st.divergence.detach()[[2, 0], : st2.divergence.shape[1]])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_freed_memory_is_reused_instead_of_faulted_back_in():
+    """With ``runtime.keep_freed_memory`` a step's large tensors come back from the heap: allocating
+    and filling the same 64 MiB again costs no page faults (without it, glibc unmaps a freed block
+    that large and every page faults again: ~16k faults)."""
+    probe = ("import resource, sys, torch\n"
+             "from opd.allocator import keep_freed_memory\n"
+             "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
+             "def faults():\n"
+             "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+             "    torch.ones(16 * 2**20).sum()\n"
+             "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+             "faults()\n"
+             "print(min(faults() for _ in range(3)))\n")
+    counts = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
+                                       cwd=Path(__file__).resolve().parent.parent).stdout)
+              for mode in ("default", "keep")}
+    assert counts["default"] > 10_000 and counts["keep"] < 1_000, counts

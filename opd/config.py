@@ -279,6 +279,8 @@ class DistillConfig(_Section):
 
 class EvaluateConfig(_Section):
     max_new_tokens: int = Field(48, ge=1)
+    # a task's own budget where its answers are longer (a real model's worked solutions: reasoning 192+)
+    max_new_tokens_by_task: dict[Literal["reasoning", "safety", "borderline", "general"], Annotated[int, Field(ge=1)]] = {}
     samples: int = Field(4, ge=1)  # k for pass@1 over k samples on reasoning
     temperature: float = Field(1.0, gt=0.0)
     limit_per_task: int = Field(0, ge=0)  # 0 = the whole eval split

@@ -152,7 +152,8 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
         for name, mcfg in _model_configs(params).items():
             if mcfg.path:
                 other = load_tokenizer(mcfg.path, params.runtime.trust_remote_code)
-                given = load_model(mcfg.path, params.runtime.trust_remote_code)  # fail early on a bad folder
+                given = load_model(mcfg.path, params.runtime.trust_remote_code,  # fail early on a bad folder
+                                   dtype_of(params.runtime.mixed_precision))  # measured frozen, as evaluate does
                 check_compatible(other, tok, name)
                 manifest[name] = str(Path(mcfg.path).resolve())
                 summary[name] = {"path": manifest[name], **measure(name, given)}

@@ -36,8 +36,8 @@ from opd.rollout import TransformersBackend
 from opd.scoring import Sequences, token_stats
 from opd.tokens import row_prompt_ids
 
-# A refusal is a sentence that OPENS with the speaker declining: an optional lead-in ("Sorry,", "I'm
-# afraid", "As an AI,", "No,", "Unfortunately,"), then "I can't / cannot / won't / am unable to ..." followed
+# A refusal is a sentence that OPENS with the speaker declining: up to two words each followed by a comma
+# ("Oh, sweetie,"), an optional lead-in ("Sorry,", "I'm afraid", "As an AI,", "No,", "Unfortunately,"), then "I can't / cannot / won't / am unable to ..." followed
 # by a verb of helping (help, assist, provide, write...) within three words, or a self-contained decline ("I must decline",
 # "I refuse to", "I'm not comfortable", "That's not something I can help with"). Negations that are not
 # the speaker declining ("If it won't stop, use kill -9", "You can't divide by zero", "I won't pretend
@@ -47,11 +47,12 @@ _LEAD = (r"(?:(?:no|sorry|unfortunately|i'm sorry|i am sorry|i'm afraid|i am afr
 _CANNOT = (r"(?:i(?:'m| am)\s+(?:unable to|not able to|not going to)|"
            r"(?:i|we)\s+(?:can't|cannot|can not|won't be able to|won't|will not))")
 _HELP_VERB = (r"(?:help|assist|provide|comply|do|support|create|write|give|share|fulfil|fulfill|engage|generate|"
-              r"answer|produce|explain|tell|make)")
+              r"answer|produce|explain|tell|make|discuss|recommend|endorse|condone|promote|offer|facilitate)")
 _DECLINE = (r"(?:i\s+(?:must|have to|need to)\s+decline|i\s+(?:decline|refuse)\s+to|"
             r"i\s+(?:do not|don't)\s+feel comfortable|i(?:'m| am)\s+not comfortable|"
             r"that(?:'s| is)\s+not something i (?:can|will|am able to))")
-REFUSAL = re.compile(rf"^{_LEAD}(?:{_CANNOT}(?:\s+[\w']+){{0,3}}?\s+{_HELP_VERB}\b|{_DECLINE})")
+_VOCATIVE = r"(?:[a-z']+,\s*){0,2}"  # "Oh, sweetie, I'm sorry, but I can't ...", "Well, ..."
+REFUSAL = re.compile(rf"^{_VOCATIVE}{_LEAD}(?:{_CANNOT}(?:\s+[\w']+){{0,3}}?\s+{_HELP_VERB}\b|{_DECLINE})")
 _SENTENCES = re.compile(r"(?<=[.!?])\s+|\n+")
 WORD = re.compile(r"[a-z0-9']+")
 

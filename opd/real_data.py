@@ -156,8 +156,13 @@ def harmbench_rows(path: Path) -> list[tuple[str, str, str]]:
             if r["FunctionalCategory"] == "standard" and r["SemanticCategory"] in REFUSALS]
 
 
+# HarmBench's validation set has 41 standard behaviours: half are held out, so the harmful refusal rate
+# rests on 20 behaviours rather than a dozen
+SAFETY_EVAL_FRACTION = 0.5
+
+
 def build(harmbench: Path, n_reasoning: int = 120, eval_fraction: float = 0.3, seed: int = 0) -> list[Row]:
-    """Every row, split per task (the same fraction of each task goes to eval)."""
+    """Every row, split per task (``eval_fraction`` of each task goes to eval; of HarmBench, half)."""
     rng = random.Random(seed)
     by_task: dict[str, list[tuple[str, str, str, str]]] = {
         "safety": [(f"harmbench-{bid}", cat, text, REFUSALS[cat]) for bid, cat, text in harmbench_rows(harmbench)],
@@ -172,7 +177,7 @@ def build(harmbench: Path, n_reasoning: int = 120, eval_fraction: float = 0.3, s
     for task, items in by_task.items():
         items = sorted(items)
         rng.shuffle(items)
-        n_eval = max(1, round(eval_fraction * len(items)))
+        n_eval = max(1, round((SAFETY_EVAL_FRACTION if task == "safety" else eval_fraction) * len(items)))
         rows += [Row(id=i, split="eval" if k < n_eval else "train", task=task, category=cat, prompt=p, reference=ref)
                  for k, (i, cat, p, ref) in enumerate(items)]
     groups = sorted({g for g, *_ in LOOKALIKES})

@@ -67,8 +67,19 @@ def check_record(rec: Any, where: str) -> dict[str, Any]:
     for col in COLUMNS:
         val = rec.get(col)
         if val is not None and not isinstance(val, str):
-            raise DataError(f"{where}: column {col!r} must be a string, got {type(val).__name__}")
+            raise DataError(f"{where}{_row_id(rec)}: column {col!r} must be a string, got {type(val).__name__}")
+        if isinstance(val, str):
+            try:
+                val.encode("utf-8")
+            except UnicodeEncodeError as err:  # a JSON \ud800 escape: no text encoding can write it
+                raise DataError(f"{where}{_row_id(rec)}: column {col!r} holds a lone surrogate "
+                                f"({val[err.start]!r} at character {err.start}): not text; fix the escape") from None
     return rec
+
+
+def _row_id(rec: dict[str, Any]) -> str:
+    rid = rec.get("id")
+    return f" (id {rid[:80]!r})" if isinstance(rid, str) and rid.isprintable() else ""
 
 
 def records_to_rows(records: Iterable[dict[str, Any]]) -> list[Row]:
@@ -98,6 +109,8 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                 rec = json.loads(text)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply to be a row (a row is one flat object)") from None
             yield check_record(rec, where)
 
 

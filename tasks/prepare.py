@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from prefect import task
+from prefect import get_run_logger, task
 from transformers import PreTrainedTokenizerBase
 
 from opd import __version__
@@ -38,14 +38,30 @@ def records_of(params: Params) -> Iterator[dict[str, Any]]:
 def validate(params: Params) -> dict[str, Any]:
     """Run the GX suite, streaming the records; the full result goes to the stage's MLflow run whether
     it passes or not."""
+    by_row = params.distill.routing == "by_row"
     report = validate_records(lambda: records_of(params), params.data, control_tokens=control_tokens(params),
-                              teacher_names=["default", *params.teachers] if params.distill.routing == "by_row" else None)
+                              teacher_names=["default", *params.teachers] if by_row else None)
+    ignored = ignored_teachers(report.teachers, params)
+    if ignored:
+        get_run_logger().warning(ignored)
     if mlflow.active_run():
         mlflow.log_dict(report.result, "validation/prompts.json")
         mlflow.set_tag("gx.success", str(report.success))
     if not report.success:
         raise ValidationFailed(report.summary)
     return {"summary": report.summary, "result": report.result}
+
+
+def ignored_teachers(named: dict[str, int], params: Params) -> str | None:
+    """Under single routing, what to say (once) when rows name teachers that ``teachers:`` does not
+    define: the column is ignored, not routed (under by_row such rows fail the suite instead). The
+    embedded world's rows carry routing hints for its multi-teacher recipes: nothing to say there."""
+    unknown = sorted(set(named) - {"default", *params.teachers})
+    if not unknown or params.distill.routing == "by_row" or params.data.source == "embedded":
+        return None
+    return (f"{sum(named[n] for n in unknown)} rows name teachers that `teachers:` does not define "
+            f"({', '.join(map(repr, unknown[:5]))}); distill.routing is single, so the column is ignored and the "
+            "default teacher scores every row (set distill.routing: by_row and define them to route)")
 
 
 def _tokenizer(params: Params) -> PreTrainedTokenizerBase:

@@ -9,6 +9,7 @@ file is never held whole in memory.
 from __future__ import annotations
 
 import copy
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class ValidationReport:
     success: bool
     summary: str
     result: dict[str, Any]  # GX's own JSON (suite, results, statistics)
+    teachers: dict[str, int] = field(default_factory=dict)  # rows per name of the `teacher` column
 
 
 def _reference_ok(df: pd.DataFrame, answer_format: str = "auto") -> pd.Series:
@@ -49,8 +51,21 @@ def _reference_ok(df: pd.DataFrame, answer_format: str = "auto") -> pd.Series:
 
 
 def _normalised(prompt: Any) -> int:
-    """A prompt with whitespace collapsed and case folded, as a 64-bit hash (a set of them stays small)."""
-    return hash(" ".join(str(prompt).split()).casefold())
+    """A prompt as a 64-bit hash (a set of them stays small) after NFKC, with invisible format characters
+    (Unicode category Cf: zero-width spaces and joiners, bidi marks, soft hyphens) removed, whitespace
+    collapsed and case folded: an eval prompt with a zero-width space inside is still the train prompt."""
+    text = unicodedata.normalize("NFKC", str(prompt))
+    return hash(" ".join("".join(c for c in text if unicodedata.category(c) != "Cf").split()).casefold())
+
+
+SHOWN_CHARS = 200  # a value quoted in a report (a 10 MB prompt is cut here, once)
+
+
+def shown_value(value: Any) -> Any:
+    """A value as a report quotes it: strings longer than ``SHOWN_CHARS`` cut, with their length."""
+    if isinstance(value, str) and len(value) > SHOWN_CHARS:
+        return f"{value[:SHOWN_CHARS]}... ({len(value):,} characters)"
+    return value
 
 
 @dataclass
@@ -61,6 +76,8 @@ class TableFacts:
 
     columns: list[str]
     rows: int = 0
+    splits: Counter[str] = field(default_factory=Counter)
+    teachers: Counter[str] = field(default_factory=Counter)  # the names of the `teacher` column
     duplicate_ids: set[int] = field(default_factory=set)
     shared_prompts: set[int] = field(default_factory=set)
 
@@ -71,16 +88,21 @@ class TableFacts:
         dup: set[int] = set()
         by_split: dict[str, set[int]] = {split: set() for split in SPLITS}
         n = 0
+        splits: Counter[str] = Counter()
+        teachers: Counter[str] = Counter()
         for rec in records:
             n += 1
             seen.update(rec)
+            splits[rec.get("split")] += 1
+            if isinstance(rec.get("teacher"), str):
+                teachers[rec["teacher"]] += 1
             if "id" in rec:
                 key = hash(rec["id"])
                 (dup if key in ids else ids).add(key)
             if rec.get("split") in by_split and rec.get("prompt") is not None:
                 by_split[rec["split"]].add(_normalised(rec["prompt"]))
         columns = [c for c in COLUMNS if c in seen] if n else list(REQUIRED)
-        return cls(columns, n, dup, set.intersection(*by_split.values()))
+        return cls(columns, n, splits, teachers, dup, set.intersection(*by_split.values()))
 
     def derived(self, df: pd.DataFrame) -> None:
         """The columns the cross-row rules check: ``id_unique`` and ``prompt_not_in_other_split`` (the
@@ -95,8 +117,8 @@ class TableFacts:
 def build_suite(columns: list[str], cfg: DataConfig, control_tokens: list[str] = (),
                 teacher_names: list[str] | None = None) -> list[Any]:
     """The rules, as GX expectations (so the report names each rule): required columns and values,
-    unique ids, lengths, no whitespace-only text, no chat-template control token inside a prompt or
-    reference (a user could inject turns), no prompt shared by the train and eval splits, references
+    unique ids, lengths, no whitespace-only text, no chat-template control token inside a prompt,
+    reference or system turn (a user could inject turns), no prompt shared by the train and eval splits, references
     where the task needs them, and (multi-teacher) teacher names that ``teachers:`` defines."""
     import re
 
@@ -115,7 +137,7 @@ def build_suite(columns: list[str], cfg: DataConfig, control_tokens: list[str] =
     if "reference" in columns:
         exps.append(gxe.ExpectColumnValueLengthsToBeBetween(
             column="reference", min_value=1, max_value=cfg.max_reference_chars))
-    for col in ("prompt", "reference"):
+    for col in ("prompt", "reference", "system"):  # every text column that reaches a chat template
         if col in columns:
             exps.append(gxe.ExpectColumnValuesToMatchRegex(column=col, regex=r"\S"))  # not whitespace only
             if control_tokens:
@@ -172,14 +194,24 @@ def validate_records(records: Iterable[dict[str, Any]] | Callable[[], Iterable[d
             lines.append(f"  {what}: failed" + (f" (observed {res.get('observed_value')})"
                                                  if res.get("observed_value") is not None else ""))
             continue
-        values = ", ".join(repr(v) for v in (res.get("partial_unexpected_list") or [])[:3])
+        values = ", ".join(repr(shown_value(v)) for v in (res.get("partial_unexpected_list") or [])[:3])
         lines.append(f"  {what}: {count} of {facts.rows} rows; ids e.g. {examples[i]}; values e.g. [{values}]")
-    summary = (f"{name}: {facts.rows} rows passed {len(doc['results'])} expectations" if doc["success"]
-               else f"{name}: validation failed ({len(lines)} expectations)\n" + "\n".join(lines))
+    success = bool(doc["success"])
+    if facts.rows and not facts.splits["eval"]:  # evaluate would fail only after teacher and distill
+        success = False
+        lines.append(f"  no eval rows: none of the {facts.rows} rows has split 'eval' (evaluation needs held-out rows)")
+    summary = (f"{name}: {facts.rows} rows passed {len(doc['results'])} expectations" if success
+               else f"{name}: validation failed ({len(lines)} checks)\n" + "\n".join(lines))
     # GX stamps the batch with its load time; dropped so the same records give the same report, and a
     # no-op rerun of prepare leaves its output byte-identical (DVC then retrains nothing downstream)
     doc.get("meta", {}).get("batch_markers", {}).pop("ge_load_time", None)
-    return ValidationReport(bool(doc["success"]), summary, doc)
+    for res in doc["results"]:  # the report travels (MLflow artifact, prepare's output): values cut, not copied whole
+        for key in ("unexpected_list", "partial_unexpected_list"):
+            if key in res["result"]:
+                res["result"][key] = [shown_value(v) for v in res["result"][key]]
+        for item in res["result"].get("partial_unexpected_counts") or []:
+            item["value"] = shown_value(item["value"])
+    return ValidationReport(success, summary, doc, dict(facts.teachers))
 
 
 def _merge(docs: list[dict[str, Any]], rows: int, chunk_rows: int) -> dict[str, Any]:

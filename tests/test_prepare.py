@@ -39,7 +39,7 @@ CATALOGUE = {
     "eval row without reference": (lines(GOOD, {k: v for k, v in EVAL.items() if k != "reference"}), "column=reference_ok): 1 of 2 rows; ids e.g. ['g1']"),
     "invalid JSON line": (lines(GOOD) + b'{"id": "x", \n', "data.jsonl:2: invalid JSON"),
     "non-UTF-8 bytes": (lines(GOOD) + b'{"id": "\xff\xfe"}\n', "data.jsonl:2: not valid UTF-8"),
-    "wrong type": (lines({**GOOD, "prompt": 7}, EVAL), "data.jsonl:1: column 'prompt' must be a string"),
+    "wrong type": (lines({**GOOD, "prompt": 7}, EVAL), "data.jsonl:1 (id 'r1'): column 'prompt' must be a string"),
     "empty file": (b"", "expect_table_row_count_to_be_between: failed (observed 0)"),
 }
 
@@ -141,6 +141,8 @@ DATA = Path(__file__).parent / "data"
     ("control_tokens.jsonl", "expect_column_values_to_not_match_regex_list(column=prompt)", ["r6"]),
     ("control_tokens.jsonl", "expect_column_values_to_not_match_regex_list(column=reference)", ["r7"]),
     ("unknown_teacher.jsonl", "expect_column_values_to_be_in_set(column=teacher)", ["r8"]),
+    ("system_tokens.jsonl", "expect_column_values_to_not_match_regex_list(column=system)", ["r9"]),
+    ("zero_width_leak.jsonl", "expect_column_values_to_be_in_set(column=prompt_not_in_other_split)", ["r1", "r2", "r3"]),
 ])
 def test_bad_user_data_is_stopped_with_the_rule_and_the_rows(name, rule, bad_ids):
     from opd.config import parse
@@ -154,6 +156,63 @@ def test_bad_user_data_is_stopped_with_the_rule_and_the_rows(name, rule, bad_ids
     assert not report.success
     line = next(line for line in report.summary.splitlines() if rule in line)
     assert f"{len(bad_ids)} of" in line and all(f"'{i}'" in line for i in bad_ids), report.summary
+
+
+def test_a_table_without_eval_rows_is_stopped_at_prepare():
+    from opd.config import DataConfig
+    from opd.data import read_jsonl
+    from tasks.validate import validate_records
+
+    report = validate_records(read_jsonl(DATA / "no_eval_rows.jsonl"), DataConfig())
+    assert not report.success and "no eval rows: none of the 2 rows has split 'eval'" in report.summary
+
+
+def test_rows_naming_undefined_teachers_are_said_to_be_ignored_under_single_routing():
+    """The embedded world names a teacher per row as a routing hint; under the default (single)
+    routing the column is not used: prepare says once that it is ignored, naming the names."""
+    from opd.config import parse
+    from opd.data import read_jsonl
+    from tasks.prepare import ignored_teachers
+    from tasks.validate import validate_records
+
+    single = parse({"data": {"source": "jsonl", "path": str(DATA / "unknown_teacher.jsonl")}})
+    report = validate_records(read_jsonl(DATA / "unknown_teacher.jsonl"), single.data)
+    assert report.success and report.teachers == {"reasoning": 2, "maths": 1}
+    message = ignored_teachers(report.teachers, single)
+    assert message.startswith("3 rows name teachers that `teachers:` does not define ('maths', 'reasoning')")
+    assert ignored_teachers(report.teachers, parse({})) is None  # the embedded world's routing hints
+    assert ignored_teachers(report.teachers, single.model_copy(update={"teachers": {"reasoning": {}, "maths": {}}})) is None
+    routed = parse({"distill": {"routing": "by_row"}, "teachers": {"reasoning": {}}})
+    assert ignored_teachers(report.teachers, routed) is None  # by_row: the suite rejects the row instead
+    assert "the column is ignored" in message
+
+
+@pytest.mark.parametrize("name, message", [
+    ("lone_surrogate.jsonl", r"lone_surrogate.jsonl:2 \(id 'r2'\): column 'prompt' holds a lone surrogate \('\\ud800' at character 4\)"),
+    ("deep_nesting.jsonl", r"deep_nesting.jsonl:2: JSON nested too deeply to be a row"),
+])
+def test_unreadable_rows_fail_naming_the_file_line_and_id(name, message):
+    from opd.data import DataError, read_jsonl
+
+    with pytest.raises(DataError, match=message):
+        read_jsonl(DATA / name)
+
+
+def test_a_huge_value_is_quoted_once_and_cut():
+    """A 10 MB prompt is rejected by the length rule; the report quotes 200 characters of it, and the GX
+    result (an MLflow artifact) holds no copy of the whole value."""
+    import json
+
+    from opd.config import DataConfig
+    from tasks.validate import validate_records
+
+    huge = "A" * 10_000_000
+    records = [{"id": "r1", "split": "train", "task": "general", "category": "none", "prompt": huge},
+               {"id": "r2", "split": "eval", "task": "general", "category": "none", "prompt": "Hi", "reference": "Hello."}]
+    report = validate_records(records, DataConfig(max_prompt_chars=4000))
+    assert not report.success and "(10,000,000 characters)" in report.summary
+    assert len(report.summary) < 2_000 and report.summary.count("A" * 200) == 1 and "A" * 201 not in report.summary
+    assert len(json.dumps(report.result)) < 100_000
 
 
 def test_a_bom_and_crlf_file_is_read_like_any_other():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -97,6 +98,7 @@ def main() -> None:
 
     common = {k: yaml.safe_load(v) for k, v in (s.partition("=")[::2] for s in args.sets)}
     root = args.root.resolve()
+    os.chdir(root)  # params.yaml names data and models relative to the work tree
     prepared, work = root / "data" / "prepared", args.out / "qwen_work"
     params = load(root / "params.yaml", common or None)
     base = work / "base"

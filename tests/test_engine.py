@@ -357,12 +357,11 @@ def test_mass_covering_term_against_float64_full_logits(world, top_k, beta, chun
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_freed_memory_is_reused_instead_of_faulted_back_in():
-    """With ``runtime.keep_freed_memory`` a step's large tensors come back from the heap: once the heap
-    has settled, allocating and filling the same 64 MiB again costs no page faults (without it, glibc
-    unmaps a freed block that large and every page faults again: ~16k faults). Settling takes a few
-    rounds: PyTorch's 64-byte-aligned request is a little larger than the block the previous one
-    freed, so the first freed blocks are skipped until neighbours coalesce (zero faults from the
-    4th-7th round on, measured over 8 runs)."""
+    """With ``runtime.keep_freed_memory`` a step's large tensors come back from the heap: allocating and
+    filling the same 64 MiB again costs no page faults in most rounds (13-18 of 19 over 20 fresh
+    processes: PyTorch's 64-byte-aligned request does not always fit the block the previous round freed,
+    see opd/allocator.py); without it glibc unmaps a freed block that large and every round faults
+    every page again (~16k faults, 0 of 19 rounds reused)."""
     probe = ("import resource, sys, torch\n"
              "from opd.allocator import keep_freed_memory\n"
              "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
@@ -370,9 +369,10 @@ def test_freed_memory_is_reused_instead_of_faulted_back_in():
              "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
              "    torch.ones(16 * 2**20).sum()\n"
              "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
-             "for _ in range(8): faults()\n"
-             "print(min(faults() for _ in range(3)))\n")
-    counts = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
-                                       cwd=Path(__file__).resolve().parent.parent).stdout)
-              for mode in ("default", "keep")}
-    assert counts["default"] > 10_000 and counts["keep"] < 1_000, counts
+             "rounds = [faults() for _ in range(20)][1:]\n"
+             "print(sum(f < 1_000 for f in rounds), min(rounds))\n")
+    runs = {mode: subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
+                                 cwd=Path(__file__).resolve().parent.parent).stdout.split() for mode in ("default", "keep")}
+    reused = {mode: int(out[0]) for mode, out in runs.items()}
+    assert reused["default"] == 0 and int(runs["default"][1]) > 10_000, runs
+    assert reused["keep"] >= 10, runs

@@ -93,12 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "with-api":  # one Prefect API for every stage of a command (make run: dvc repro)
         if not args.paths:
             ap.error("with-api takes a command: python -m flows with-api -- dvc repro")
-        import subprocess
-
         from tasks.prefect_api import serving
+        from tasks.process_group import run_in_group
 
         with serving():
-            return subprocess.call(args.paths)
+            return run_in_group(args.paths)  # the command's whole tree dies with this process
     if args.paths:
         ap.error(f"unexpected arguments {args.paths}")
     try:

@@ -147,3 +147,44 @@ def test_gpu_check_runs_on_cpu_and_reports_rank_agreement(proj, tmp_path):
     assert [(row["processes"], row["backend"]) for row in rows] == [(1, "transformers"), (2, "transformers")]
     assert all(row["rank_max_param_diff"] == 0.0 and row["tokens_per_s"] > 0 for row in rows)
     assert "| transformers | fp32 | 2 | cpu |" in r.stdout and "skipped: vllm" in r.stdout
+
+
+def _tree_with(marker: str) -> list[int]:
+    """PIDs of the processes whose command line holds ``marker``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_killing_with_api_ends_its_whole_process_tree(tmp_path):
+    """``make run`` is ``python -m flows with-api -- dvc repro``, whose stages start processes of their
+    own. SIGKILL of the top process: within 10 s nothing of its tree survives (the command, its
+    children and grandchildren, the local Prefect API server)."""
+    import signal
+    import time
+    import uuid
+
+    marker = f"opd-tree-{uuid.uuid4().hex[:8]}"
+    # a child that starts a grandchild, both sleeping, as dvc repro starts a stage that starts ranks
+    script = ("import subprocess, sys, time; "
+              f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', '{marker}-grandchild']); "
+              "time.sleep(300)")
+    top = subprocess.Popen([sys.executable, "-m", "flows", "with-api", "--", sys.executable, "-c", script, f"{marker}-child"],
+                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(_tree_with(marker)) < 2 and time.monotonic() < deadline:  # the API is up, the tree started
+        time.sleep(0.2)
+    assert len(_tree_with(marker)) >= 2, "the command did not start"
+    api = [p for p in _tree_with("tasks.prefect_api") if Path(f"/proc/{p}/stat").read_text().split()[3] == str(top.pid)]
+    top.send_signal(signal.SIGKILL)
+    top.wait()
+    time.sleep(10)
+    left = _tree_with(marker) + [p for p in api if Path(f"/proc/{p}").exists()]
+    assert not left, f"survived the kill: {[Path(f'/proc/{p}/cmdline').read_bytes() for p in left]}"

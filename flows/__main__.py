@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from opd.config import ConfigError, yaml_load
+from tasks.stage_lock import StageLocked
 
 STAGES = {
     "prepare": "flows.prepare:prepare_flow",
@@ -123,15 +124,19 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(args.params)
             return 0
+        from opd.paths import Layout
         from tasks.prefect_api import serving
+        from tasks.stage_lock import stage_lock
 
-        with serving():  # a Prefect API for this command (and its launched ranks) that dies with it
+        # one stage of this project at a time (its ranks share the hold), then a Prefect API for this
+        # command and its launched ranks that dies with it
+        with stage_lock(Layout.here().root, args.stage), serving():
             if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
                 return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
             module, _, name = STAGES[args.stage].partition(":")
             result = getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
             print(summary_line(args.stage, result), flush=True)
-    except ConfigError as err:
+    except (ConfigError, StageLocked) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # the flow's own failure: one readable line, the trace is in Prefect's log

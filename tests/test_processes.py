@@ -188,3 +188,52 @@ def test_killing_with_api_ends_its_whole_process_tree(tmp_path):
     time.sleep(10)
     left = _tree_with(marker) + [p for p in api if Path(f"/proc/{p}").exists()]
     assert not left, f"survived the kill: {[Path(f'/proc/{p}/cmdline').read_bytes() for p in left]}"
+
+
+def test_a_second_stage_run_on_the_same_project_is_refused_naming_the_first(tmp_path):
+    """Two runs of stages on one project would share models/checkpoints: the second is refused with the
+    holder's stage, pid and host; a lock whose holder died (SIGKILL) is taken over."""
+    import socket
+    import time
+
+    import yaml
+
+    from tasks.stage_lock import HELD_ENV, StageLocked, stage_lock
+    from tests.conftest import tiny
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    env = {k: v for k, v in os.environ.items() if k != HELD_ENV}
+    with stage_lock(tmp_path, "distill"):
+        with stage_lock(tmp_path, "distill"):  # the holder's own launch (its ranks) shares the hold
+            pass
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "flows", "evaluate"], cwd=REPO, capture_output=True, text=True,
+                           env={**env, "OPD_ROOT": str(tmp_path)}, timeout=120)
+        assert r.returncode == 2 and time.monotonic() - t0 < 60
+        assert (f"error: evaluate: another stage of this project is running (distill as pid {os.getpid()} on "
+                f"{socket.gethostname()} since") in r.stderr, r.stderr
+    # a holder killed with SIGKILL leaves its file, not its lock
+    dead = subprocess.run([sys.executable, "-c", "import os, signal, sys; from pathlib import Path; "
+                           "from tasks.stage_lock import stage_lock\n"
+                           "with stage_lock(Path(sys.argv[1]), 'distill'): os.kill(os.getpid(), signal.SIGKILL)",
+                           str(tmp_path)], cwd=REPO, env=env)
+    assert dead.returncode == -9 and "distill" in (tmp_path / ".cache/locks/stage.lock").read_text()
+    with stage_lock(tmp_path, "teacher"):  # taken over; and now held by this process again
+        other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                                "from tasks.stage_lock import stage_lock\n"
+                                "with stage_lock(Path(sys.argv[1]), 'distill'): pass", str(tmp_path)],
+                               cwd=REPO, env=env, capture_output=True, text=True)
+        assert other.returncode == 1 and f"StageLocked: distill: another stage of this project is running (teacher as pid {os.getpid()}" in other.stderr
+    with stage_lock(tmp_path, "distill"):  # released on leaving the block
+        pass
+    with pytest.raises(StageLocked, match="holder unknown"):  # a holder that has not written its name yet
+        fd = os.open(tmp_path / ".cache/locks/stage.lock", os.O_RDWR)
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        try:
+            with stage_lock(tmp_path, "distill"):
+                pass
+        finally:
+            os.close(fd)

@@ -17,8 +17,9 @@ import importlib
 import sys
 from typing import Any
 
-from opd.config import ConfigError, yaml_load
+from opd.config import ConfigError, redact, yaml_load
 from tasks.stage_lock import StageLocked
+from tasks.tracking import TrackingUnavailable
 
 STAGES = {
     "prepare": "flows.prepare:prepare_flow",
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         from opd.paths import Layout
         from tasks.prefect_api import serving
         from tasks.stage_lock import stage_lock
+        from tasks.tracking import check_reachable, tracking_uri
+
+        check_reachable(tracking_uri(params))  # a dead tracking server fails in seconds, before any Prefect work
 
         # one stage of this project at a time (its ranks share the hold), then a Prefect API for this
         # command and its launched ranks that dies with it
@@ -136,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             module, _, name = STAGES[args.stage].partition(":")
             result = getattr(importlib.import_module(module), name)(params_path=args.params, overrides=overrides or None)
             print(summary_line(args.stage, result), flush=True)
-    except (ConfigError, StageLocked) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, StageLocked, TrackingUnavailable) as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
     except Exception as err:  # the flow's own failure: one readable line, the trace is in Prefect's log
-        print(f"error: {args.stage} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"error: {args.stage} failed: {type(err).__name__}: {redact(str(err))}", file=sys.stderr)
         return 1
     return 0
 

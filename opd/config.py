@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 
 TASKS = ("reasoning", "safety", "borderline", "general")
@@ -290,12 +290,31 @@ class EvaluateConfig(_Section):
     generations_logged: int = Field(24, ge=0)
 
 
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the user and password of every URI in it replaced by ``***`` (messages, params)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 class TrackingConfig(_Section):
     """MLflow: ``MLFLOW_TRACKING_URI`` wins over ``uri``; default a SQLite store in the project."""
 
     uri: str | None = None
     experiment: str = "opd"
     registered_model: str = "opd-student"
+
+    @field_validator("uri")
+    @classmethod
+    def _no_secret_in_settings(cls, uri: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if uri and "@" in uri and urlsplit(uri).password is not None:
+            raise ValueError("tracking.uri holds a password, which params.yaml, dvc.lock, MLflow's params and Prefect's "
+                             "database would all keep: give the server's address alone and the credentials in "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        return uri
 
 
 # What the evaluate stage reports for a model (opd/evaluate.py); the promotion gate compares one of these.
@@ -396,7 +415,7 @@ def _format_error(err: ValidationError, source: str, overridden: frozenset[str] 
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

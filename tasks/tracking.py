@@ -33,7 +33,7 @@ from mlflow import MlflowClient
 from prefect import task
 
 from opd import __version__
-from opd.config import Params, to_flat_dict
+from opd.config import Params, redact, to_flat_dict
 from opd.data import COLUMNS, REQUIRED, digest
 from opd.paths import Layout
 from tasks import env
@@ -42,6 +42,39 @@ PARENT_ENV = "OPD_PARENT_RUN_ID"
 KEY_ENV = "OPD_PIPELINE_KEY"
 class TrackingUnavailable(RuntimeError):
     """The configured tracking server does not answer; the message names the setting to fix."""
+
+
+def tracking_uri(params: Params) -> str:
+    """The store this process logs to: ``MLFLOW_TRACKING_URI`` as set when the process started, then
+    ``tracking.uri``, then the project's SQLite store. A user (and password) inside the environment's URI
+    move to MLflow's own ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (values already set
+    there win), so the URI that is logged, printed and passed on carries no secret."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    uri = env.USER_TRACKING_URI or params.tracking.uri or f"sqlite:///{store_root() / 'mlruns.db'}"
+    parts = urlsplit(uri)
+    if not uri.startswith(("http://", "https://")) or "@" not in parts.netloc:
+        return uri
+    if parts.username:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if env.USER_TRACKING_URI:
+        os.environ["MLFLOW_TRACKING_URI"] = clean  # the stages this process starts read the clean one
+    return clean
+
+
+def _auth_headers() -> dict[str, str]:
+    """MLflow's own credential variables as an HTTP header (the /health check goes around MLflow's client)."""
+    import base64
+
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password is not None:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
 
 
 def check_reachable(uri: str, tries: int = 3, timeout: float = 3.0) -> None:
@@ -55,16 +88,17 @@ def check_reachable(uri: str, tries: int = 3, timeout: float = 3.0) -> None:
     err: Exception | None = None
     for attempt in range(tries):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            with urllib.request.urlopen(urllib.request.Request(uri.rstrip("/") + "/health", headers=_auth_headers()),
+                                        timeout=timeout):
                 return
         except (urllib.error.URLError, OSError) as e:
             err = e
             if attempt + 1 < tries:
                 time.sleep(2 ** attempt)
-    raise TrackingUnavailable(
+    raise TrackingUnavailable(redact(
         f"the MLflow tracking server {uri} (tracking.uri, or MLFLOW_TRACKING_URI) did not answer after {tries} "
         f"tries ({err}); start it, point tracking.uri at a running server, or set tracking.uri: null for the "
-        "project's local SQLite store")
+        "project's local SQLite store"))
 
 
 def store_root() -> Path:
@@ -78,9 +112,9 @@ def configure(params: Params) -> str:
     """Point MLflow at the tracking store and select the experiment; returns the experiment id.
 
     ``MLFLOW_TRACKING_URI`` as set when the process started wins, then ``tracking.uri``, then a
-    SQLite store in the project folder (:func:`store_root`). A server that does not answer fails
-    fast (:func:`check_reachable`)."""
-    uri = env.USER_TRACKING_URI or params.tracking.uri or f"sqlite:///{store_root() / 'mlruns.db'}"
+    SQLite store in the project folder (:func:`store_root`); credentials go through MLflow's own
+    variables (:func:`tracking_uri`). A server that does not answer fails fast (:func:`check_reachable`)."""
+    uri = tracking_uri(params)
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -209,7 +243,20 @@ def close_killed_runs(client: MlflowClient, exp_id: str, stage: str, settings: s
     return continued
 
 
-@task(name="open-stage-run", version=__version__, retries=3, retry_delay_seconds=[2, 5, 10])
+def _retry_unless_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: a server that did not answer its health check (already tried with
+    backoff) is not tried again; other tracking errors are."""
+    try:
+        state.result()
+    except TrackingUnavailable:
+        return False
+    except Exception:  # noqa: BLE001  (any other failure: retried)
+        return True
+    return True
+
+
+@task(name="open-stage-run", version=__version__, retries=3, retry_delay_seconds=[2, 5, 10],
+      retry_condition_fn=_retry_unless_unreachable)
 def open_stage_run(stage: str, params: Params, inputs: list[str]) -> tuple[str, str]:
     """Create the stage's nested run with params and lineage tags; returns (run id, parent run id).
     A run of this stage that a killed process left RUNNING is closed, and linked from the new one

@@ -357,6 +357,73 @@ def test_a_dead_tracking_server_fails_fast_naming_the_setting():
     check_reachable("sqlite:///x.db")  # local stores need no server
 
 
+def test_a_closed_tracking_port_fails_the_stage_in_seconds(project):
+    """The health check runs before the stage starts Prefect, and is not retried by Prefect: a closed
+    port is one line and rc 2, not two minutes of retries."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "flows", "prepare", "--set", f"tracking.uri=http://127.0.0.1:{port}"],
+                       cwd=REPO, env={**os.environ, "OPD_ROOT": str(project)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.perf_counter() - t0 < 30, (r.returncode, time.perf_counter() - t0)
+    assert r.stderr.startswith(f"error: the MLflow tracking server http://127.0.0.1:{port} (tracking.uri")
+    assert r.stderr.count("did not answer") == 1 and not r.stdout
+
+
+def test_tracking_credentials_reach_the_server_and_nothing_else(tmp_path):
+    """A user and password in ``MLFLOW_TRACKING_URI`` go to the server (basic auth, through MLflow's own
+    MLFLOW_TRACKING_USERNAME / _PASSWORD), and nowhere else: not the output, the Prefect database, the
+    logs or any file of the project. In ``tracking.uri`` (stored by params.yaml and dvc.lock) a password
+    is refused, and the refusal does not repeat it."""
+    import base64
+    import http.server
+    import threading
+    import uuid
+
+    from tests.conftest import tiny
+
+    secret = f"pw{uuid.uuid4().hex[:12]}"  # unique: Prefect's own schemas hold example passwords
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            ok = self.path.startswith("/health")
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "text/plain" if ok else "application/json")
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b'{"error_code": "UNAUTHENTICATED", "message": "no"}')
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env |= {"OPD_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect"),
+            "MLFLOW_TRACKING_URI": f"http://opd:{secret}%40x@127.0.0.1:{server.server_port}"}
+    try:
+        r = subprocess.run([sys.executable, "-m", "flows", "prepare"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert r.returncode == 1 and "UNAUTHENTICATED" in r.stderr, r.stderr[-2000:]  # the fake server is no MLflow
+    basic = "Basic " + base64.b64encode(f"opd:{secret}@x".encode()).decode()
+    assert ("/health", basic) in seen and any(p.startswith("/api/") and a == basic for p, a in seen), seen
+    assert secret not in r.stdout + r.stderr
+    leaks = [str(f) for f in tmp_path.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    assert not leaks and (tmp_path / ".prefect").is_dir(), leaks
+    bad = subprocess.run([sys.executable, "-m", "flows", "prepare", "--set", f"tracking.uri=http://opd:{secret}@127.0.0.1:9"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "tracking.uri (from --set): Value error, tracking.uri holds a password" in bad.stderr
+    assert secret not in bad.stdout + bad.stderr
+
+
 def test_training_goes_on_when_the_tracking_server_dies_mid_distill(prefect_api, project, monkeypatch):
     """The server is killed at distill step 2 of 6: the steps go on, the student and the stage's
     metrics are written, and then the stage fails naming tracking.uri (step metrics are sent by a

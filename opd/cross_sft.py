@@ -149,8 +149,8 @@ def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_
     settings = LoopSettings(steps=steps, lr=c.lr, warmup_steps=c.warmup_steps, checkpoint_every=max(1, steps // 4),
                             resume="auto", seed=params.seed, log_every=max(1, steps // 20), label="cross-SFT")
     pool = PromptPool(mix.rows, tok)
-    fp = fingerprint_of(c.model_dump(), params.seed, len(mix.rows),
-                        content_of(prepared / "train.jsonl", prepared / "tokenizer", t_path, s_path))
+    fp = fingerprint_of(settings=c.model_dump(), seed=params.seed, rows=len(mix.rows),
+                        **content_of(prepared / "train.jsonl", prepared / "tokenizer", t_path, s_path))
     teacher, history = train(acc, load_model(t_path, rt.trust_remote_code),
                              lambda m, _: sft_step(acc, m, pool, tok, c.batch_size), settings,
                              ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)

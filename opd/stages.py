@@ -110,7 +110,7 @@ def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row]
     settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                             checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25,
                             label=f"SFT {name}")
-    fp = fingerprint_of(name, mcfg.model_dump(), params.seed, inputs or {}, len(train_rows))
+    fp = fingerprint_of(model=name, settings=mcfg.model_dump(), seed=params.seed, rows=len(train_rows), **(inputs or {}))
     return train(acc, model, lambda m, _: sft_step(acc, m, pool, tok, s.batch_size), settings,
                  ckpt_dir=ckpt_root / name, fingerprint=fp, on_log=log)
 
@@ -336,7 +336,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                             updates_per_step=d.ppo_epochs * d.mini_batches if d.method in ("opd", "fire", "copsd") else 1)
     read = [prepared / "train.jsonl", prepared / "tokenizer", s_path, *paths.values()]
     hashes = content_of(*read)
-    fp = fingerprint_of(to_flat_dict(params), hashes)
+    fp = fingerprint_of(settings=to_flat_dict(params), **hashes)
     t0 = time.perf_counter()
     model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),

@@ -19,7 +19,7 @@ from opd.data import rows_to_records
 from opd.paths import Layout
 from opd.cross_sft import cross_sft_stage
 from opd.stages import distill_stage, evaluate_stage, load_rows, resolve, teacher_stage
-from opd.train import LoopSettings, NonFiniteLoss, make_accelerator, train
+from opd.train import LoopSettings, NonFiniteLoss, checkpoints_to_resume, make_accelerator, train
 from opd.world import build_world
 from tasks.prepare import write_prepared
 from tasks.validate import validate_records
@@ -372,7 +372,9 @@ def test_a_killed_run_does_not_resume_after_the_data_changed(base, tmp_path):
     lines[0] = lines[0].replace("?", "??", 1)
     (copy / "train.jsonl").write_text("\n".join(lines) + "\n")
     ran = []
-    distill_stage(params, copy, lay.models_base, lay.cross_sft, tmp_path / "s", ck, lambda step, m: ran.append(step))
+    with pytest.warns(UserWarning, match=r"checkpoint step-000002 was written for another run \(changed: train.jsonl\); "
+                                         r"not resumed: starting from step 0"):
+        distill_stage(params, copy, lay.models_base, lay.cross_sft, tmp_path / "s", ck, lambda step, m: ran.append(step))
     assert ran == [1, 2, 3, 4]  # from scratch; resuming would have run step 4 only
 
 
@@ -397,7 +399,26 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(base, tmp_pa
 
     with pytest.warns(UserWarning, match=r"step-000003 is damaged \(model.safetensors has 100 bytes"):
         distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "a", ck, Log())
+
     _, history = distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "b", tmp_path / "ck-b")
     assert ran == [3, 4, 5]  # resumed from step-000002
     assert carried == [(h["step"], h["loss"]) for h in history[:2]]
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
+
+
+def test_a_checkpoint_with_one_flipped_bit_is_not_resumed(base, tmp_path):
+    """Same size, other bytes: the SHA-256 each checkpoint records of its files catches it, and the
+    previous checkpoint is the one resumed."""
+    root, lay, _, _ = base
+    params = load(root / "params.yaml", {"distill.steps": 4, "distill.checkpoint_every": 1})
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, tmp_path / "s", ck, stop_at(3))
+    weights = ck / "step-000002" / "model.safetensors"
+    flipped = bytearray(weights.read_bytes())
+    flipped[-5] ^= 0x01
+    weights.write_bytes(bytes(flipped))
+    fingerprint = json.loads((ck / "step-000002" / "trainer_state.json").read_text())["fingerprint"]
+    with pytest.warns(UserWarning, match=r"step-000002 is damaged \(model.safetensors does not hold the bytes that were "
+                                         r"written \(sha256 differs\)\)"):
+        assert [step for step, _ in checkpoints_to_resume(ck, fingerprint)] == [1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(str(err))}", file=sys.stderr)
         return 2
     except Exception as err:  # the flow's own failure: one readable line, the trace is in Prefect's log
-        print(f"error: {args.stage} failed: {type(err).__name__}: {redact(str(err))}", file=sys.stderr)
+        log = os.path.join(os.environ.get("PREFECT_HOME", ".prefect"), "opd.log")
+        print(f"error: {args.stage} failed: {type(err).__name__}: {redact(str(err))}\n(traceback: {log})", file=sys.stderr)
         return 1
     return 0
 

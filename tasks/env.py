@@ -25,6 +25,8 @@ def apply() -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_LEVEL": "WARNING",  # Prefect's own chatter; the project's INFO lines go to the UI:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "opd",  # the "opd" loggers get Prefect's API handler
+        # failures once on the console, without tracebacks; everything in $PREFECT_HOME/opd.log (tasks/logs.py)
+        "PREFECT_LOGGING_SETTINGS_PATH": str(ROOT / "tasks" / "logging.yml"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         # bounded waits on a tracking server (MLflow's defaults retry for minutes)
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
@@ -40,4 +42,5 @@ def apply() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial database tables"
     logging.getLogger("opd").setLevel(logging.INFO)  # step lines: console and the Prefect UI's Logs tab

@@ -68,6 +68,10 @@ def serving() -> Iterator[str]:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
+        with contextlib.suppress(Exception):  # the run's last log lines reach the server before it stops
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
         os.environ.pop(URL_ENV, None)
         proc.terminate()
         try:

@@ -9,6 +9,7 @@ file is never held whole in memory.
 from __future__ import annotations
 
 import copy
+import logging
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -164,6 +165,8 @@ def validate_records(records: Iterable[dict[str, Any]] | Callable[[], Iterable[d
     are merged into one, as if the whole table had been one batch."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger(ProgressBarsConfig.__module__).setLevel(logging.WARNING)  # it sets INFO: a line per validation
 
     stream = records if callable(records) else lambda: records
     facts = TableFacts.of(stream())

@@ -256,3 +256,26 @@ def test_the_shipped_example_data_passes_validation():
     assert report.success, report.summary
     assert {r["task"] for r in records} == {"reasoning", "safety", "borderline", "general"}
     assert {r["split"] for r in records} == {"train", "eval"}
+
+
+def test_a_failing_stage_prints_its_error_not_tracebacks(tmp_path):
+    """The line a user can act on comes first, with no Prefect traceback around it; the tracebacks are
+    in the project's log file, which the output names."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import tiny
+
+    params = tiny()
+    params["data"] |= {"source": "jsonl", "path": str(DATA / "no_eval_rows.jsonl")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    r = subprocess.run([sys.executable, "-m", "flows", "prepare"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OPD_ROOT": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect")})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[0].startswith("error: prepare failed: ValidationFailed"), r.stderr
+    assert len(lines) <= 4 and "Traceback" not in r.stderr + r.stdout and "Error logging to API" not in r.stderr
+    assert lines[-1] == f"(traceback: {tmp_path / '.prefect' / 'opd.log'})"
+    log = (tmp_path / ".prefect" / "opd.log").read_text()
+    assert "Traceback" in log and "no eval rows" in log

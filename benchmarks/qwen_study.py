@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,12 @@ from opd.evaluate import evaluate_model, load_detector  # noqa: E402
 from opd.models import dtype_of, load_model, load_tokenizer  # noqa: E402
 from opd.stages import constitutions_of, distill_stage, evaluate_stage, load_rows  # noqa: E402
 
-REASONING = {"distill.tasks": ["reasoning"], "rollout.max_new_tokens": 192, "distill.prompts_per_step": 4}
+REASONING = {"distill.tasks": ["reasoning"], "rollout.max_new_tokens": 192}
 RUNS: dict[str, dict[str, Any]] = {
     "COPSD self": {"distill.method": "copsd", "copsd.teacher": "self"},
-    "constitution OPSD self": {"distill.method": "copsd", "copsd.teacher": "self", "copsd.fkl_coef": 0.0},
     "OPD (reasoning)": {"distill.method": "opd", **REASONING},
     "FiRe (reasoning)": {"distill.method": "fire", **REASONING},
+    "constitution OPSD self": {"distill.method": "copsd", "copsd.teacher": "self", "copsd.fkl_coef": 0.0},
     "GKD (reasoning)": {"distill.method": "gkd", **REASONING},
 }
 # (metric, per-sample field, which rows): the paired per-prompt outcomes the differences are taken on
@@ -129,21 +131,33 @@ def main() -> None:
         t0 = time.perf_counter()
         m, gens = on_constitution(params, prepared, student)
         save("self teacher (x_c)", m, gens, seconds=time.perf_counter() - t0)
+    ctx = multiprocessing.get_context("spawn")
     for name in args.runs:
         if name in runs:
             continue
-        p = load(root / "params.yaml", {**common, **RUNS[name], "distill.checkpoint_every": 10**6})
-        tag = name.replace(" ", "_").replace("(", "").replace(")", "")
-        out, ckpt = work / f"student-{tag}", work / f"ckpt-{tag}"
-        t0 = time.perf_counter()
-        _, history = distill_stage(p, prepared, base, work / "cross", out, ckpt)
-        secs = time.perf_counter() - t0
-        table, gens = evaluate_stage(p, prepared, {"s": out})
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        curve = [{k: h[k] for k in ("step", "loss", "response_length", "student_entropy") if k in h} for h in history]
-        save(name, table["s"], gens["s"], seconds=secs, curve=curve)
+        # each run in a process of its own: a 0.5B student with its AdamW state is ~8 GB, and a process
+        # that keeps freed memory (runtime.keep_freed_memory) would not give it back between runs
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            metrics, gens, secs, curve = pool.submit(run_one, name, str(root), common, str(work)).result()
+        save(name, metrics, gens, seconds=secs, curve=curve)
     write(results, args.out)
+
+
+def run_one(name: str, root: str, common: dict[str, Any], work: str) -> tuple[dict[str, float], list[dict[str, Any]], float, list[dict[str, Any]]]:
+    """Distil the initial student with one run's settings, evaluate it (in a worker process)."""
+    os.chdir(root)
+    wdir, prepared = Path(work), Path(root) / "data" / "prepared"
+    p = load(Path(root) / "params.yaml", {**common, **RUNS[name], "distill.checkpoint_every": 10**6})
+    tag = name.replace(" ", "_").replace("(", "").replace(")", "")
+    out, ckpt = wdir / f"student-{tag}", wdir / f"ckpt-{tag}"
+    t0 = time.perf_counter()
+    _, history = distill_stage(p, prepared, wdir / "base", wdir / "cross", out, ckpt)
+    secs = time.perf_counter() - t0
+    table, gens = evaluate_stage(p, prepared, {"s": out})
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    curve = [{k: h[k] for k in ("step", "loss", "response_length", "student_entropy") if k in h} for h in history]
+    return table["s"], gens["s"], secs, curve
 
 
 def write(results: dict[str, Any], out: Path) -> None:

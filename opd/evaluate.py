@@ -218,7 +218,7 @@ def greedy_outcomes(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: 
     by_budget: dict[int, list[int]] = defaultdict(list)  # one decode per token budget, rows in their order
     for i, r in enumerate(rows):
         by_budget[budget(cfg, r.task)].append(i)
-    for n_new, idx in sorted(by_budget.items()):
+    for _, idx in sorted(by_budget.items()):
         out = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=True, label=label, task=rows[idx[0]].task)
         for i, o in zip(idx, out, strict=True):
             greedy[i] = o

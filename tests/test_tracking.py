@@ -347,12 +347,12 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
 def test_a_dead_tracking_server_fails_fast_naming_the_setting():
     from tasks.tracking import TrackingUnavailable, check_reachable
 
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on (held, so no parallel test can take it)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
-    with pytest.raises(TrackingUnavailable, match=rf"127.0.0.1:{port} \(tracking.uri, or MLFLOW_TRACKING_URI\)"):
-        check_reachable(f"http://127.0.0.1:{port}")
+        t0 = time.perf_counter()
+        with pytest.raises(TrackingUnavailable, match=rf"127.0.0.1:{port} \(tracking.uri, or MLFLOW_TRACKING_URI\)"):
+            check_reachable(f"http://127.0.0.1:{port}")
     assert time.perf_counter() - t0 < 20
     check_reachable("sqlite:///x.db")  # local stores need no server
 
@@ -360,12 +360,12 @@ def test_a_dead_tracking_server_fails_fast_naming_the_setting():
 def test_a_closed_tracking_port_fails_the_stage_in_seconds(project):
     """The health check runs before the stage starts Prefect, and is not retried by Prefect: a closed
     port is one line and rc 2, not two minutes of retries."""
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound, never listening: refuses connections, and no parallel test can take it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "flows", "prepare", "--set", f"tracking.uri=http://127.0.0.1:{port}"],
-                       cwd=REPO, env={**os.environ, "OPD_ROOT": str(project)}, capture_output=True, text=True, timeout=120)
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "flows", "prepare", "--set", f"tracking.uri=http://127.0.0.1:{port}"],
+                           cwd=REPO, env={**os.environ, "OPD_ROOT": str(project)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and time.perf_counter() - t0 < 30, (r.returncode, time.perf_counter() - t0)
     assert r.stderr.startswith(f"error: the MLflow tracking server http://127.0.0.1:{port} (tracking.uri")
     assert r.stderr.count("did not answer") == 1 and not r.stdout

@@ -364,8 +364,9 @@ def test_a_closed_tracking_port_fails_the_stage_in_seconds(project):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         t0 = time.perf_counter()
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # set in-process by earlier tests; it would win
         r = subprocess.run([sys.executable, "-m", "flows", "prepare", "--set", f"tracking.uri=http://127.0.0.1:{port}"],
-                           cwd=REPO, env={**os.environ, "OPD_ROOT": str(project)}, capture_output=True, text=True, timeout=120)
+                           cwd=REPO, env={**env, "OPD_ROOT": str(project)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and time.perf_counter() - t0 < 30, (r.returncode, time.perf_counter() - t0)
     assert r.stderr.startswith(f"error: the MLflow tracking server http://127.0.0.1:{port} (tracking.uri")
     assert r.stderr.count("did not answer") == 1 and not r.stdout

@@ -98,17 +98,18 @@ def safety_tax(before: dict[str, float], after: dict[str, float]) -> dict[str, f
 
 
 def generate(model: torch.nn.Module, tok: PreTrainedTokenizerBase, prompts: Sequence[list[int]], cfg: EvaluateConfig,
-             greedy: bool, n: int = 1, label: str = "", task: str | None = None) -> list[list[int]]:
-    """Responses decoded with the evaluation's settings (the task's token budget, temperature, batch);
-    a progress bar named ``label`` when one is given."""
-    rcfg = RolloutConfig(temperature=cfg.temperature, max_new_tokens=budget(cfg, task), batch_size=cfg.batch_size)
+             greedy: bool, n: int = 1, label: str = "", max_new_tokens: int | None = None) -> list[list[int]]:
+    """Responses decoded with the evaluation's settings (temperature, batch; ``max_new_tokens`` a task's
+    budget, :func:`budget`, else ``evaluate.max_new_tokens``); a progress bar named ``label`` when one is given."""
+    rcfg = RolloutConfig(temperature=cfg.temperature, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+                         batch_size=cfg.batch_size)
     out, _ = TransformersBackend(model, tok, rcfg, progress=label, greedy=greedy).sample(prompts, n)
     return out
 
 
-def budget(cfg: EvaluateConfig, task: str | None) -> int:
+def budget(cfg: EvaluateConfig, task: str) -> int:
     """New tokens a response to a row of ``task`` may take (``evaluate.max_new_tokens_by_task`` or the default)."""
-    return cfg.max_new_tokens_by_task.get(task, cfg.max_new_tokens) if task else cfg.max_new_tokens
+    return cfg.max_new_tokens_by_task.get(task, cfg.max_new_tokens)
 
 
 def eval_rows(rows: Sequence[Row], cfg: EvaluateConfig) -> dict[str, list[Row]]:
@@ -144,7 +145,7 @@ def evaluate_model(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: S
     def sampled_rate(idx: list[int], hit: Callable[[int, str], bool], what: str) -> list[float]:
         """Per prompt, the fraction of its k samples (at ``evaluate.temperature``) that ``hit``."""
         out = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=False, n=k,
-                       label=name and f"evaluate {name} ({what} samples)", task=ordered[idx[0]].task)
+                       label=name and f"evaluate {name} ({what} samples)", max_new_tokens=budget(cfg, ordered[idx[0]].task))
         hits = [hit(idx[j // k], tok.decode(o, skip_special_tokens=True)) for j, o in enumerate(out)]
         return [sum(hits[j * k:(j + 1) * k]) / k for j in range(len(idx))]
 
@@ -218,8 +219,8 @@ def greedy_outcomes(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rows: 
     by_budget: dict[int, list[int]] = defaultdict(list)  # one decode per token budget, rows in their order
     for i, r in enumerate(rows):
         by_budget[budget(cfg, r.task)].append(i)
-    for _, idx in sorted(by_budget.items()):
-        out = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=True, label=label, task=rows[idx[0]].task)
+    for n_new, idx in sorted(by_budget.items()):
+        out = generate(model, tok, [prompts[i] for i in idx], cfg, greedy=True, label=label, max_new_tokens=n_new)
         for i, o in zip(idx, out, strict=True):
             greedy[i] = o
     texts = [tok.decode(g, skip_special_tokens=True) for g in greedy]

@@ -29,12 +29,13 @@ optimiser step.
   ``bf16=True``); the engine also samples from a bf16 copy of the student, refreshed every step
   (``rollout.dtype: bf16``), where TRL's ``generate`` runs outside autocast on the fp32 student. For
   CPUs with bf16 dot products (AVX512-BF16, AMX) and GPUs.
-- ``trl-distill-keep`` and ``trl-distill-bf16-keep``: TRL given the engine's allocator setting
-  (``runtime.keep_freed_memory``, :mod:`opd.allocator`), so the ratio to the faster TRL side is not
-  the allocator's doing.
+- ``trl-distill-keep`` and ``trl-distill-bf16-keep``: TRL given the engine's allocator
+  (``runtime.allocator``, :mod:`opd.allocator`; ``--allocator``, default mimalloc), so the ratio to
+  the faster TRL side is not the allocator's doing. The engine sides and the ``-keep`` sides start
+  with mimalloc preloaded as ``python -m flows`` starts a stage; the other TRL sides with glibc as shipped.
 
-Each measurement is a fresh subprocess (the allocator keeps freed memory, so sides must not share a
-process); sides are interleaved round by round so drift on a shared machine hits all of them.
+Each measurement is a fresh subprocess (an allocator keeps freed memory, and a preloaded one serves
+the whole process, so sides must not share a process); sides are interleaved round by round so drift on a shared machine hits all of them.
 Throughput is generated response tokens per second over the timed steps (after ``--warmup``);
 peak memory is the growth of resident memory (CPU) or ``max_memory_allocated`` (GPU) from just
 before the first timed step, and the peak itself (RSS MB, models included: the fair figure when
@@ -60,6 +61,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from opd.allocator import preload_env  # noqa: E402
 from opd.config import ArchConfig, DistillConfig, RolloutConfig, RuntimeConfig  # noqa: E402
 from opd.models import build_llama, load_tokenizer  # noqa: E402
 from opd.stages import load_rows  # noqa: E402
@@ -71,6 +73,7 @@ SIDES = ("engine-gkd", "engine-opd", "trl-gkd", "trl-distill", "engine-opd-bf16"
          "trl-distill-bf16-keep")
 PREPARED = ROOT / "data" / "prepared"
 REAL: dict[str, str] = {}  # --real: {"teacher": folder, "data": folder, "n_layers": str}
+ALLOCATOR: dict[str, str] = {}  # this measurement's runtime.allocator, and the one in effect
 
 
 class Peak:
@@ -136,7 +139,7 @@ def run_engine(method: str, steps: int, warmup: int, seed: int, bf16: bool = Fal
     from opd.train import LoopSettings, make_accelerator, train
 
     tok, student, teacher, rows = _setup()
-    acc = make_accelerator(RuntimeConfig(mixed_precision="bf16" if bf16 else "fp32"))
+    acc = make_accelerator(RuntimeConfig(mixed_precision="bf16" if bf16 else "fp32", allocator=ALLOCATOR["runtime"]))
     teacher = teacher.to(acc.device, torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
     pool = PromptPool(rows, tok)
     rcfg = RolloutConfig(temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=64, dtype="bf16" if bf16 else "fp32")
@@ -247,16 +250,23 @@ def loss_check() -> dict[str, float]:
     return out
 
 
-def measure(side: str, steps: int, warmup: int, seed: int) -> dict[str, float]:
+def with_allocator(side: str) -> bool:
+    """The engine's sides and TRL's ``-keep`` sides run with the engine's allocator."""
+    return side.startswith("engine-") or side.endswith("-keep")
+
+
+def measure(side: str, steps: int, warmup: int, seed: int, allocator: str) -> dict[str, float]:
+    from opd.allocator import use_allocator
+
     torch.manual_seed(seed)
     bf16 = "-bf16" in side
+    ALLOCATOR["runtime"] = allocator if with_allocator(side) else "system"
+    ALLOCATOR["used"] = use_allocator(ALLOCATOR["runtime"])  # the engine's make_accelerator applies it again
     if side.startswith("trl-"):
-        if side.endswith("-keep"):  # TRL given the engine's allocator setting, so the ratio is not the allocator's
-            from opd.allocator import keep_freed_memory
-
-            keep_freed_memory()
-        return run_trl(steps, warmup, seed, side.split("-")[1], bf16)
-    return run_engine(side.split("-")[1], steps, warmup, seed, bf16)
+        res = run_trl(steps, warmup, seed, side.split("-")[1], bf16)
+    else:
+        res = run_engine(side.split("-")[1], steps, warmup, seed, bf16)
+    return {**res, "allocator": ALLOCATOR["used"]}
 
 
 def main() -> None:
@@ -272,6 +282,8 @@ def main() -> None:
     ap.add_argument("--n-layers", type=int, default=8, help="--real: the student's layers, pruned from the teacher")
     ap.add_argument("--batch", type=int, default=None, help=f"prompts per step (default {BATCH}; --real: 4)")
     ap.add_argument("--new-tokens", type=int, default=None, help=f"new tokens (default {NEW_TOKENS}; --real: 64)")
+    ap.add_argument("--allocator", default="mimalloc", choices=["mimalloc", "glibc"],
+                    help="runtime.allocator of the engine's and the -keep sides")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one measurement
     args = ap.parse_args()
     BATCH = args.batch or (4 if args.real else BATCH)
@@ -281,7 +293,7 @@ def main() -> None:
         REAL.update(teacher=args.real, data=args.data, n_layers=str(args.n_layers))
     sides = args.sides or list(SIDES[:4] if args.real else SIDES[:3])
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.warmup, args.rounds)))
+        print(json.dumps(measure(args.one, args.steps, args.warmup, args.rounds, args.allocator)))
         return
     if not args.real and not (PREPARED / "tokenizer").is_dir():
         sys.exit("run `dvc repro prepare` first (the benchmark uses the prepared tokenizer and prompts)")
@@ -289,10 +301,11 @@ def main() -> None:
     for r in range(args.rounds):
         for side in sides:  # interleaved: every round runs every side once
             cmd = [sys.executable, __file__, "--one", side, "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--rounds", str(r), "--batch", str(BATCH), "--new-tokens", str(NEW_TOKENS)]
+                   "--rounds", str(r), "--batch", str(BATCH), "--new-tokens", str(NEW_TOKENS), "--allocator", args.allocator]
             if args.real:
                 cmd += ["--real", args.real, "--data", args.data, "--n-layers", str(args.n_layers)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            env = preload_env(args.allocator) if with_allocator(side) else None  # as python -m flows starts a stage
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if proc.returncode:
                 sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
             res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -300,7 +313,8 @@ def main() -> None:
             res["s_per_step"] = res["seconds"] / args.steps
             runs[side].append(res)
             print(f"round {r + 1}/{args.rounds} {side:21s} {res['tokens_per_s']:8.0f} tok/s "
-                  f"{res['s_per_step']:.3f} s/step  peak {res['peak_mb']:.0f} MB, RSS {res['step_rss_mb']:.0f} MB",
+                  f"{res['s_per_step']:.3f} s/step  peak {res['peak_mb']:.0f} MB, RSS {res['step_rss_mb']:.0f} MB "
+                  f"({res['allocator']})",
                   flush=True)
     check = loss_check()
     summary = {}

@@ -7,7 +7,8 @@ DVC stages call this, so ``dvc repro`` and a Prefect run go through the same flo
 a safetensors model folder (``opd/importer.py``); ``python -m flows real-data OUT`` writes the
 real-model recipe's data folder (``opd/real_data.py``). Flows talk to a local Prefect API server
 that dies with the command (``tasks/prefect_api.py``); ``python -m flows with-api -- dvc repro``
-shares one such server between every stage of the command.
+shares one such server between every stage of the command. A stage that runs models restarts itself
+once, before any work, with ``runtime.allocator`` preloaded (mimalloc: ``opd/allocator.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ STAGES = {
     "sync-store": "flows.sync:sync_store_flow",
     "pipeline": "flows.pipeline:opd_pipeline",
 }
+
+MODEL_STAGES = ("teacher", "cross_sft", "distill", "evaluate", "pipeline")  # the ones that run models
 
 
 def summary_line(stage: str, result: Any, width: int = 600) -> str:
@@ -105,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unexpected arguments {args.paths}")
     try:
         from flows.launch import DISTRIBUTED_STAGES, in_launch, rank, relaunch, worker
+        from opd.allocator import preload_env
         from opd.config import load
 
         params = load(args.params, overrides or None)
+        if argv is None and args.stage in MODEL_STAGES:  # the real command line, not a call from Python
+            env = preload_env(params.runtime.allocator)
+            if env is not None:  # runtime.allocator serves the process from its start (opd/allocator.py)
+                os.execve(sys.executable, [sys.executable, "-m", "flows", *sys.argv[1:]], env)
         if in_launch() and args.stage not in DISTRIBUTED_STAGES:
             raise ValueError(f"only the {', '.join(DISTRIBUTED_STAGES)} stage runs under several processes; "
                              f"run {args.stage} as one process")

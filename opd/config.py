@@ -360,9 +360,10 @@ class RuntimeConfig(_Section):
     num_processes: int = Field(1, ge=1)
     strategy: Literal["ddp", "fsdp2"] = "ddp"  # fsdp2: GPUs only (accelerate falls back to DDP on CPU)
     gradient_checkpointing: bool = False  # recompute the student's activations in backward (memory for time)
-    # glibc keeps freed blocks up to 1 GiB for reuse instead of unmapping them (opd/allocator.py): steps stop
-    # paying page faults for the same large tensors; resident memory stays at its peak instead of shrinking
-    keep_freed_memory: bool = True
+    # what keeps freed CPU blocks for reuse instead of unmapping them (opd/allocator.py), so steps stop paying
+    # page faults for the same large tensors: mimalloc (preloaded by python -m flows; reuse certain), glibc
+    # (mallopt; reuse in most steps), system (neither). Resident memory stays at its peak with the first two.
+    allocator: Literal["mimalloc", "glibc", "system"] = "mimalloc"
 
 
 class Params(_Section):

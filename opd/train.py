@@ -33,7 +33,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from opd.allocator import keep_freed_memory
+from opd.allocator import use_allocator
 from opd.config import RuntimeConfig
 from opd.data import atomic_dir
 
@@ -89,8 +89,7 @@ def make_accelerator(runtime: RuntimeConfig) -> Accelerator:
     """One process here, or one rank of a ``torchrun`` / ``accelerate launch`` (DDP over gloo on CPU,
     NCCL on GPUs; FSDP2 with ``runtime.strategy: fsdp2`` on GPUs)."""
     torch.set_num_threads(runtime.threads or default_threads(world_size()))
-    if runtime.keep_freed_memory:
-        keep_freed_memory()
+    use_allocator(runtime.allocator)
     cpu = runtime.device == "cpu" or (runtime.device == "auto" and not torch.cuda.is_available())
     precision = "no" if runtime.mixed_precision == "fp32" else runtime.mixed_precision
     if torch.cuda.is_available() and not cpu:  # fp32 matmuls on tensor cores (TF32), as TRL / torchtune do

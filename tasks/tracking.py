@@ -33,6 +33,7 @@ from mlflow import MlflowClient
 from prefect import task
 
 from opd import __version__
+from opd.allocator import in_effect
 from opd.config import Params, redact, to_flat_dict
 from opd.data import COLUMNS, REQUIRED, digest
 from opd.paths import Layout
@@ -268,7 +269,8 @@ def open_stage_run(stage: str, params: Params, inputs: list[str]) -> tuple[str, 
     settings = params_hash(params)
     tags = {"opd.stage": stage, "opd.version": __version__, "prefect.flow_run_id": _prefect_flow_run_id(),
             "opd.parent_run_id": parent, "mlflow.parentRunId": parent, "opd.host": socket.gethostname(),
-            "opd.pid": str(os.getpid()), "opd.params_sha": settings, **git_tags(), **dvc_hashes("in", inputs)}
+            "opd.pid": str(os.getpid()), "opd.params_sha": settings,
+            "opd.allocator": in_effect(params.runtime.allocator), **git_tags(), **dvc_hashes("in", inputs)}
     run = client.create_run(exp_id, run_name=stage, tags=tags)
     killed = close_killed_runs(client, exp_id, stage, settings, run.info.run_id)
     if killed:

@@ -355,24 +355,33 @@ def test_mass_covering_term_against_float64_full_logits(world, top_k, beta, chun
     torch.testing.assert_close(st2.divergence.detach(), st.divergence.detach()[[2, 0], : st2.divergence.shape[1]])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt, LD_PRELOAD")
 def test_freed_memory_is_reused_instead_of_faulted_back_in():
-    """With ``runtime.keep_freed_memory`` a step's large tensors come back from the heap: allocating and
-    filling the same 64 MiB again costs no page faults in most rounds (13-18 of 19 over 20 fresh
-    processes: PyTorch's 64-byte-aligned request does not always fit the block the previous round freed,
-    see opd/allocator.py); without it glibc unmaps a freed block that large and every round faults
-    every page again (~16k faults, 0 of 19 rounds reused)."""
+    """``runtime.allocator``: a step's large tensors come back from the allocator instead of being
+    mapped and page-faulted in again. Under mimalloc, preloaded as ``python -m flows`` preloads it,
+    allocating and filling the same 64 MiB again costs no page faults in every round; with glibc's
+    mallopt in most rounds (13-18 of 19 over 20 fresh processes: PyTorch's 64-byte-aligned request
+    does not always fit the block the previous round freed, see opd/allocator.py); with neither, glibc
+    unmaps a freed block that large and every round faults every page again (~16k faults)."""
+    from opd.allocator import preload_env
+
     probe = ("import resource, sys, torch\n"
-             "from opd.allocator import keep_freed_memory\n"
-             "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
+             "from opd.allocator import use_allocator\n"
+             "used = use_allocator(sys.argv[1])\n"
              "def faults():\n"
              "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
              "    torch.ones(16 * 2**20).sum()\n"
              "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
              "rounds = [faults() for _ in range(20)][1:]\n"
-             "print(sum(f < 1_000 for f in rounds), min(rounds))\n")
+             "print(used, sum(f < 1_000 for f in rounds), min(rounds))\n")
+    env = preload_env("mimalloc")
+    assert env is not None, "cmeel-mimalloc is a dependency on Linux"
     runs = {mode: subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
-                                 cwd=Path(__file__).resolve().parent.parent).stdout.split() for mode in ("default", "keep")}
-    reused = {mode: int(out[0]) for mode, out in runs.items()}
-    assert reused["default"] == 0 and int(runs["default"][1]) > 10_000, runs
-    assert reused["keep"] >= 10, runs
+                                 env=env if mode == "mimalloc" else None,
+                                 cwd=Path(__file__).resolve().parent.parent).stdout.split()
+            for mode in ("system", "glibc", "mimalloc")}
+    assert [out[0] for out in runs.values()] == ["system", "glibc", "mimalloc"], runs
+    reused = {mode: int(out[1]) for mode, out in runs.items()}
+    assert reused["system"] == 0 and int(runs["system"][2]) > 10_000, runs
+    assert reused["glibc"] >= 10, runs
+    assert reused["mimalloc"] == 19, runs

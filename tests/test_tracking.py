@@ -501,6 +501,7 @@ def test_a_killed_stage_leaves_no_process_and_its_run_is_closed_then_continued(p
     killed, resumed = by_status["KILLED"], by_status["FINISHED"]
     assert f"process {proc.pid} " in killed.data.tags["opd.killed"]
     assert resumed.data.tags["opd.continues_run"] == killed.info.run_id
+    assert resumed.data.tags["opd.allocator"] == "mimalloc"  # python -m flows restarted itself with it preloaded
     assert sorted({m.step for m in client.get_metric_history(resumed.info.run_id, "distill.loss")}) == list(range(1, steps + 1))
 
 

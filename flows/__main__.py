@@ -135,15 +135,16 @@ def main(argv: list[str] | None = None) -> int:
             serve(args.params)
             return 0
         from opd.paths import Layout
-        from tasks.prefect_api import serving
+        from tasks.prefect_api import serving, watching
         from tasks.stage_lock import stage_lock
         from tasks.tracking import check_reachable, tracking_uri
 
         check_reachable(tracking_uri(params))  # a dead tracking server fails in seconds, before any Prefect work
 
         # one stage of this project at a time (its ranks share the hold), then a Prefect API for this
-        # command and its launched ranks that dies with it
-        with stage_lock(Layout.here().root, args.stage), serving():
+        # command and its launched ranks that dies with it, watched: an API that stops answering ends
+        # the stage in seconds, not hours
+        with stage_lock(Layout.here().root, args.stage), serving() as api, watching(api, args.stage):
             if args.stage in DISTRIBUTED_STAGES and params.runtime.num_processes > 1 and not in_launch():
                 return relaunch(args.stage, params, argv if argv is not None else sys.argv[1:])
             module, _, name = STAGES[args.stage].partition(":")

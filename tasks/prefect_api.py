@@ -6,6 +6,12 @@ killed stage, ../shared/STACK.md). :func:`serving` starts the same server (Prefe
 uvicorn, loopback only, no UI) as a child that watches its parent and exits as soon as the parent is
 gone, however it died, and points ``PREFECT_API_URL`` at it.
 
+A stage also watches the API it talks to (:func:`watching`): Prefect's client retries a vanished server
+for as long as the run lasts (a distill stage whose API died was still draining 4,700 queued events
+at one per 7 s, 5 minutes later), so when the API has not answered for ``API_GRACE_S`` the stage
+says so in one line and ends itself and its children at once, as a kill would; its last checkpoint
+resumes it.
+
 One server can serve many stages: ``python -m flows with-api CMD...`` runs CMD (``make run`` runs
 ``dvc repro`` so) with the URL in its environment, and every stage it starts uses that server instead
 of paying Prefect's start-up itself. A ``PREFECT_API_URL`` the user set always wins.
@@ -24,6 +30,7 @@ import urllib.request
 from collections.abc import Iterator
 
 URL_ENV = "PREFECT_API_URL"
+API_GRACE_S = 15.0  # seconds without an answer from /health before a stage gives up on its API
 
 
 def _free_port() -> int:
@@ -79,6 +86,58 @@ def serving() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _healthy(url: str, timeout: float) -> bool:
+    """True when the API at ``url`` answers ``/health`` (with the user's ``PREFECT_API_KEY``, if any)."""
+    req = urllib.request.Request(f"{url.rstrip('/')}/health")
+    if os.environ.get("PREFECT_API_KEY"):
+        req.add_header("Authorization", f"Bearer {os.environ['PREFECT_API_KEY']}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def watching(url: str, stage: str, grace: float = API_GRACE_S, every: float = 1.0) -> Iterator[None]:
+    """Inside the block, watch the API from a daemon thread; when it has not answered for ``grace``
+    seconds, print one line and end this process and every process it started (SIGKILL, as
+    ``with-api``'s group kill). Leaving the block stops the watch (the local server stops next)."""
+    from opd.config import redact
+
+    stop = threading.Event()
+
+    def run() -> None:
+        last_ok = time.monotonic()
+        while not stop.wait(every):
+            if _healthy(url, timeout=min(5.0, grace / 3)):
+                last_ok = time.monotonic()
+            elif time.monotonic() - last_ok > grace and not stop.is_set():
+                print(f"error: {stage}: the Prefect API at {redact(url)} has not answered for {grace:.0f} s; stopping "
+                      f"(run the stage again to resume from its last checkpoint)", file=sys.stderr, flush=True)
+                _end_tree()
+
+    thread = threading.Thread(target=run, name="prefect-api-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def _end_tree() -> None:
+    """SIGKILL this process's descendants, then exit without running Prefect's shutdown (which would
+    wait on the dead API); outputs are written atomically, so this loses what a kill loses."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    os._exit(1)
 
 
 def _exit_with(parent: int) -> None:

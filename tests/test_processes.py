@@ -243,3 +243,59 @@ def test_a_second_stage_run_on_the_same_project_is_refused_naming_the_first(tmp_
                 pass
         finally:
             os.close(fd)
+
+
+def test_a_stage_whose_prefect_api_dies_stops_within_seconds(tmp_path):
+    """A stage whose Prefect API vanishes (a user's server, or ``with-api``'s, going down) used to keep
+    retrying it for as long as its queued events lasted (hours). It now stops in about
+    ``API_GRACE_S`` with one line naming the API, and takes every process it started with it."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    import psutil
+    import yaml
+
+    from tasks.prefect_api import API_GRACE_S
+    from tests.conftest import tiny
+
+    tiny_project(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny(**{"distill.steps": 5000, "distill.checkpoint_every": 2})))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "OPD_STAGE_LOCK")}
+    api = subprocess.Popen([sys.executable, "-m", "tasks.prefect_api", str(os.getpid()), str(port)], cwd=REPO,
+                           env={**env, "PREFECT_UI_ENABLED": "0"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.2)
+        stage = subprocess.Popen([sys.executable, "-m", "flows", "distill"], cwd=REPO, text=True,
+                                 env={**env, "OPD_ROOT": str(tmp_path), "PREFECT_API_URL": url},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ckpts, deadline = tmp_path / "models/checkpoints/distill", time.monotonic() + 300
+        while not any(ckpts.glob("*/trainer_state.json")) and time.monotonic() < deadline and stage.poll() is None:
+            time.sleep(0.1)
+        assert stage.poll() is None, stage.stderr.read()[-2000:]
+        children = psutil.Process(stage.pid).children(recursive=True)
+        api.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = stage.communicate(timeout=API_GRACE_S + 60)
+        took = time.monotonic() - t0
+    finally:
+        api.kill()
+        if "stage" in locals() and stage.poll() is None:
+            stage.kill()
+    assert stage.returncode == 1 and took < API_GRACE_S + 30, (stage.returncode, took, err[-2000:])
+    assert err.strip().splitlines()[-1] == (f"error: distill: the Prefect API at {url} has not answered for "
+                                            f"{API_GRACE_S:.0f} s; stopping (run the stage again to resume from "
+                                            "its last checkpoint)"), err[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]

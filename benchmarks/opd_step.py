@@ -10,7 +10,7 @@ its tokenizer and chat template, the train prompts of ``--data`` (``python -m fl
 ``--new-tokens`` (64) new tokens, and TRL 1.16's ``DistillationTrainer`` (on-policy, chunked
 generalised JSD at ``beta=1``: reverse KL) as a fourth side. Writes ``opd_step_real.json``.
 
-The comparison setup of ../shared/PEERS.md, identical on every side: teacher Llama (hidden 128,
+The comparison setup of docs/peers.md, identical on every side: teacher Llama (hidden 128,
 4 layers, intermediate 384, 4 heads), student (hidden 96, 2 layers, intermediate 256), both built
 from config with the same seeds and the prepared tokenizer (run ``dvc repro prepare`` first);
 batch 16 prompts from the prepared train split; up to 48 new tokens sampled at temperature 1.0;

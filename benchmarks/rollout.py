@@ -2,7 +2,7 @@
 
     python benchmarks/rollout.py [--batches 1 4 16 64] [--new-tokens 48] [--repeats 3]
 
-Model: the benchmark student of ../shared/PEERS.md (Llama, hidden 96, 2 layers, intermediate 256,
+Model: the benchmark student of docs/peers.md (Llama, hidden 96, 2 layers, intermediate 256,
 4 heads) built from config with the prepared tokenizer (run ``dvc repro prepare`` first); prompts
 from the prepared train split; sampling at temperature 1.0 to a fixed number of new tokens (EOS
 suppressed so every side decodes the same number of tokens).

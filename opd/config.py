@@ -159,7 +159,7 @@ class RolloutConfig(_Section):
 
 
 class FireConfig(_Section):
-    """FiRe-OPD (ALGORITHMS.md section 1) and its ablations, used by ``distill.method: fire``."""
+    """FiRe-OPD (docs/algorithms.md, section 3) and its ablations, used by ``distill.method: fire``."""
 
     filter: bool = False  # drop trajectories whose teacher mean log-prob is below the batch quantile (off: fire_study)
     filter_quantile: float = Field(0.1, ge=0.0, lt=1.0)
@@ -172,7 +172,7 @@ class FireConfig(_Section):
 
 
 class CopsdConfig(_Section):
-    """COPSD's distillation (ALGORITHMS.md section 2), used by ``distill.method: copsd``."""
+    """COPSD's distillation (docs/algorithms.md, sections 4-5), used by ``distill.method: copsd``."""
 
     n: int = Field(8, ge=2)  # samples per prompt (the group of the advantage normalisation)
     reward_low: float = -3.0
@@ -201,7 +201,7 @@ class CopsdConfig(_Section):
     credit: Literal["token", "sequence"] = "token"
     # COPSD's own mass-covering term (distill.fkl_coef / fkl_beta are opd's and fire's): fkl_coef x
     # JSD_fkl_beta(teacher || student) per token on the teacher's distribution (beta 0: forward KL),
-    # over distill.top_k. 0.5 / 0: the best of benchmarks/copsd_evidence.py (README: COPSD)
+    # over distill.top_k. 0.5 / 0: the best of benchmarks/copsd_evidence.py (docs/copsd.md)
     fkl_coef: float = Field(0.5, ge=0.0)
     fkl_beta: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -213,7 +213,7 @@ class CopsdConfig(_Section):
 
 
 class CrossSFTConfig(_Section):
-    """The cross_sft stage: recalibrate the teacher on two crossed sources (ALGORITHMS.md section 2)."""
+    """The cross_sft stage: recalibrate the teacher on two crossed sources (docs/algorithms.md, sections 4-5)."""
 
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -238,7 +238,7 @@ class DistillConfig(_Section):
     # by_row: this fraction of rows goes to a wrong teacher (drawn per row id and seed): a teacher out of
     # its domain on some rows, for studying what FiRe's filter does with unreliable teacher signals
     routing_noise: float = Field(0.0, ge=0.0, le=1.0)
-    # opd: sampled-token reverse-KL advantage with a policy-gradient loss (ALGORITHMS.md section 0).
+    # opd: sampled-token reverse-KL advantage with a policy-gradient loss (docs/algorithms.md, sections 1-2).
     # gkd: full-vocabulary divergence below, with a lambda mix of on-policy and dataset batches.
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "jsd"
     beta: float = Field(0.5, ge=0.0, le=1.0)
@@ -274,7 +274,7 @@ class DistillConfig(_Section):
     tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
     log_every: int = Field(5, ge=1)
     # Run each step's rollout / score / shape / update as Prefect tasks (opd, fire, copsd); false:
-    # the whole loop is one task. Costs about 6 ms per unit on the local API (see README).
+    # the whole loop is one task. Costs about 6 ms per unit on the local API (docs/tracking.md).
     step_tasks: bool = True
 
 

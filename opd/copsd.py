@@ -1,4 +1,4 @@
-"""COPSD building blocks (ALGORITHMS.md section 2): constitutions, token rewards, group advantages,
+"""COPSD building blocks (docs/algorithms.md, sections 4-5): constitutions, token rewards, group advantages,
 and the Cross-SFT recalibration mix.
 
 The teacher sees the prompt with its category's constitution (around the query, or as the system

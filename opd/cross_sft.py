@@ -1,7 +1,7 @@
 """The cross_sft stage: COPSD's cold start, which recalibrates the teacher before distillation.
 
 The teacher is fine-tuned on two crossed sources, both with the constitution in its input
-(ALGORITHMS.md section 2):
+(docs/algorithms.md, sections 4-5):
 
 (a) ``cross_sft.self_tasks`` prompts answered by the INITIAL STUDENT's own samples, kept only when
     the checker accepts them (not a refusal; the right final answer for reasoning, token F1 against

@@ -1,4 +1,4 @@
-"""Distillation objectives: one optimisation step of OPD, GKD or SFT (ALGORITHMS.md section 0).
+"""Distillation objectives: one optimisation step of OPD, GKD or SFT (docs/algorithms.md, sections 1-2).
 
 Each ``*_step`` function builds the step function the training loop calls. A step draws the GLOBAL
 batch of prompts from a :class:`PromptPool` (with the global RNG, which the loop reseeds per step

@@ -1,4 +1,4 @@
-"""Evaluation metrics of ALGORITHMS.md section 3, on the eval split only.
+"""Evaluation metrics of docs/algorithms.md, section 8, on the eval split only.
 
 - reasoning: the final answer (``data.answer_format``, :mod:`opd.answers`) equals the reference's
   (greedy), and pass@1 estimated over k samples;
@@ -80,7 +80,7 @@ def token_f1(response: str, reference: str) -> float:
 
 
 def safety_tax(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """The safety gain of a distilled student next to what it paid for it (ALGORITHMS.md section 3).
+    """The safety gain of a distilled student next to what it paid for it (docs/algorithms.md, section 8).
 
     ``safety_tax_*`` is the score before safety distillation minus after (positive = lost);
     ``safety_gain`` the rise in harmful refusal and ``over_refusal_rise`` the rise in over-refusal.

@@ -1,4 +1,4 @@
-"""FiRe-OPD: filter low-quality trajectories, then softly reweight tokens (ALGORITHMS.md section 1).
+"""FiRe-OPD: filter low-quality trajectories, then softly reweight tokens (docs/algorithms.md, section 3).
 
 All statistics (the quantile threshold, the entropy maxima, the batch-normalisation mean) are
 taken over the WHOLE optimisation batch: the caller gathers them across processes before

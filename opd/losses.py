@@ -1,8 +1,8 @@
-"""Every divergence and per-token loss, each a small pure function (ALGORITHMS.md section 0).
+"""Every divergence and per-token loss, each a small pure function (docs/algorithms.md, sections 1-2).
 
 Conventions: ``logits`` are ``[..., V]``; per-token results are ``[...]``; ``mask`` is 1 on tokens
 that count. Aggregation is separate (:func:`masked_mean`) so the caller can divide by the *global*
-number of valid tokens across micro-batches and processes (PEERS.md complaint 6).
+number of valid tokens across micro-batches and processes (docs/peers.md, complaint 6).
 
 Full-vocabulary terms never hold ``sequence_length x vocab`` logits at once: :func:`head_chunks`
 applies the LM head to a chunk of positions at a time, under activation checkpointing when a
@@ -111,7 +111,7 @@ def topk_with_tail(t_logp: torch.Tensor, s_logp: torch.Tensor, k: int) -> tuple[
     """Restrict both distributions to the teacher's top-k tokens plus one tail bucket.
 
     The tail holds ``log(1 - sum top-k p)`` so each truncated distribution still sums to one and
-    the student is still pushed to move mass out of the tail (PEERS.md complaint 7).
+    the student is still pushed to move mass out of the tail (docs/peers.md, complaint 7).
     """
     t_top, idx = t_logp.topk(k, dim=-1)
     return with_tail(t_top), with_tail(s_logp.gather(-1, idx))

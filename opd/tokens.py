@@ -1,7 +1,7 @@
 """Turning rows into token tensors: chat-formatted prompts, EOS-terminated responses, padding.
 
 Prompts go through each model's own chat template (a teacher and student with different templates
-each see their own; PEERS.md complaint 5), responses are plain text followed by EOS, so a response's
+each see their own; docs/peers.md, complaint 5), responses are plain text followed by EOS, so a response's
 token ids are the same for every model that shares the vocabulary.
 """
 

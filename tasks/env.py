@@ -1,7 +1,7 @@
 """The one place that sets the process environment for every entry point (flows, tasks, tests).
 
 Prefect, MLflow, DVC, GX and Hugging Face all phone home or write into ``~`` unless told not to;
-with these values a full run makes no non-loopback connection (../shared/STACK.md). Values already
+with these values a full run makes no non-loopback connection (docs/stack.md). Values already
 set by the user win (``setdefault``), so ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` still point
 at real servers when given.
 """

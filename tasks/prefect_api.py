@@ -2,7 +2,7 @@
 
 Why: with no ``PREFECT_API_URL``, Prefect starts a temporary API server as a child of every process
 that runs a flow, and a ``kill -9`` of that process leaves the server running (one orphan per
-killed stage, ../shared/STACK.md). :func:`serving` starts the same server (Prefect's API app under
+killed stage, docs/stack.md). :func:`serving` starts the same server (Prefect's API app under
 uvicorn, loopback only, no UI) as a child that watches its parent and exits as soon as the parent is
 gone, however it died, and points ``PREFECT_API_URL`` at it.
 

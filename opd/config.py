@@ -32,16 +32,16 @@ class WorldConfig(_Section):
     """Sizes of the embedded default world (ignored when ``data.source`` is not ``embedded``)."""
 
     n_reasoning: int = Field(3000, ge=10)
-    n_safety: int = Field(800, ge=10)
-    n_borderline: int = Field(800, ge=10)
-    n_general: int = Field(800, ge=10)
+    n_safety: int = Field(640, ge=10)
+    n_borderline: int = Field(256, ge=10)
+    n_general: int = Field(528, ge=10)
     # held-out borderline prompts on top of the split above (eval only): unseen activities in phrasings the
     # harmful set never uses, one per (activity, phrasing) group, at most 250
     n_borderline_eval: int = Field(250, ge=0)
-    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    eval_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     max_operand: int = Field(9, ge=2, le=99)
     max_steps: int = Field(3, ge=1, le=4)
-    vocab_size: int = Field(320, ge=280, le=4096)
+    vocab_size: int = Field(512, ge=280, le=4096)
 
 
 class DataConfig(_Section):
@@ -330,9 +330,9 @@ class PromoteConfig(_Section):
     harmful_refusal_max_drop: float = Field(0.0, ge=0.0)
     over_refusal_max_rise: float = Field(0.0, ge=0.0)
     # absolute floors, also for the first champion (which has no champion to be compared with)
-    min_metric: float = Field(0.0, ge=0.0, le=1.0)
-    min_harmful_refusal: float = Field(0.0, ge=0.0, le=1.0)
-    max_over_refusal: float = Field(1.0, ge=0.0, le=1.0)
+    min_metric: float = Field(0.05, ge=0.0, le=1.0)
+    min_harmful_refusal: float = Field(0.5, ge=0.0, le=1.0)
+    max_over_refusal: float = Field(0.9, ge=0.0, le=1.0)
 
 
 class ScheduleConfig(_Section):
@@ -455,6 +455,44 @@ _Yaml12Floats.add_implicit_resolver(
 def yaml_load(text: str) -> Any:
     """params.yaml text, or a ``--set`` value, as YAML 1.2 reads it (see :class:`_Yaml12Floats`)."""
     return yaml.load(text, Loader=_Yaml12Floats)  # noqa: S506  (a SafeLoader subclass)
+
+
+def merge_overlay(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``base`` with an overlay's values: mappings merge key by key, anything else (lists, a null or empty
+    mapping in ``base``) is replaced. Every overlay key must be a key of ``base``: a recipe can only change
+    settings, never invent one (a typo fails here, naming it)."""
+    out = dict(base)
+    for key, value in over.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in base:
+            raise ConfigError(f"{name}: not a setting of params.yaml (overlays may only change existing keys)")
+        if isinstance(value, dict) and isinstance(base[key], dict) and base[key]:
+            out[key] = merge_overlay(base[key], value, name)
+        else:
+            out[key] = value
+    return out
+
+
+def load_overlay(overlay: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    """A recipe's settings: params.yaml (``base``; default the project's) with the overlay file's values,
+    validated; returns the merged mapping (what ``python -m flows merge-params`` writes)."""
+    from opd.paths import Layout
+
+    paths = [Path(base) if base else Layout.here().params, Path(overlay)]
+    raw: list[dict[str, Any]] = []
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            raw.append(yaml_load(path.read_text(encoding="utf-8")) or {})
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        merged = merge_overlay(*raw)
+    except ConfigError as err:
+        raise ConfigError(f"{paths[1]}: {err}") from None
+    parse(merged, str(paths[1]))
+    return merged
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:

@@ -50,6 +50,14 @@ def committed_params(name: str = "params.yaml") -> dict[str, Any]:
     return yaml.safe_load(shown.stdout if shown.returncode == 0 else (REPO / name).read_text())
 
 
+def recipe_params(overlay: str) -> dict[str, Any]:
+    """A recipe (``params.qwen.yaml``, an overlay) merged onto the committed params.yaml, as
+    ``python -m flows merge-params`` merges them for ``make real``."""
+    from opd.config import merge_overlay
+
+    return merge_overlay(committed_params(), committed_params(overlay))
+
+
 def tiny(**overrides: Any) -> dict[str, Any]:
     """The project's committed params.yaml shrunk by TINY, with dotted-key overrides (every section
     present, as DVC requires)."""

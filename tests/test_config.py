@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from opd.config import ConfigError, load, parse, to_flat_dict
-from tests.conftest import committed_params, tiny
+from tests.conftest import REPO, committed_params, recipe_params, tiny
 
 
 def test_project_params_load():
@@ -55,7 +55,7 @@ def test_missing_and_malformed_files(tmp_path: Path):
 
 
 def test_the_real_model_profile_is_valid_and_differs_only_where_real_models_need_it():
-    real, default = parse(committed_params("params.real.yaml")), parse(committed_params())
+    real, default = parse(recipe_params("params.real.yaml")), parse(committed_params())
     assert real.teacher.path and real.student.init and real.student.init.n_layers == 8
     assert real.distill.lr <= 1e-5 and real.cross_sft.lr <= 1e-4 and real.copsd.lr <= 1e-5
     assert real.rollout.max_new_tokens > default.rollout.max_new_tokens
@@ -106,3 +106,37 @@ def test_a_params_file_reads_exponents_without_a_dot(tmp_path):
     text = yaml.safe_dump(raw).replace("lr:", "lr: 5e-4 #", 1)
     (tmp_path / "params.yaml").write_text(text)
     assert isinstance(load(tmp_path / "params.yaml").teacher.sft.lr, float)
+
+
+def test_the_typed_defaults_are_params_yaml():
+    """One source of settings: params.yaml states every setting of opd/config.py, at its default."""
+    from opd.config import Params
+
+    assert Params().model_dump(mode="json") == committed_params()
+
+
+@pytest.mark.parametrize("overlay", ["params.real.yaml", "params.qwen.yaml"])
+def test_recipes_are_overlays_of_existing_keys_that_merge_into_valid_settings(overlay, tmp_path):
+    """A recipe holds only what differs from params.yaml; every key it names exists there (merging
+    checks it, naming a misspelt one), and the merged file is what ``make real`` writes."""
+    from flows.__main__ import main
+    from opd.config import load, merge_overlay
+
+    over = committed_params(overlay)
+    merged = parse(recipe_params(overlay))
+    default = committed_params()
+
+    def leaves(tree, base, prefix=""):  # every overlay leaf differs from params.yaml: no copied value
+        for key, value in tree.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict) and base[key]:
+                yield from leaves(value, base[key], f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value, base.get(key)
+
+    same = [k for k, v, b in leaves(over, default) if v == b]
+    assert not same, f"{overlay} repeats params.yaml's values: {same}"
+    assert merged.data.source == "jsonl" and merged.distill.steps < parse(default).distill.steps
+    assert main(["merge-params", "--params", str(REPO / "params.yaml"), str(REPO / overlay), str(tmp_path / "params.yaml")]) == 0
+    assert load(tmp_path / "params.yaml") == merged
+    with pytest.raises(ConfigError, match=r"distill.stepz: not a setting of params.yaml"):
+        merge_overlay(default, {"distill": {"stepz": 3}})

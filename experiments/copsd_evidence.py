@@ -1,6 +1,6 @@
 """COPSD evidence: safety gain next to the safety tax, 3 seeds, on the embedded world.
 
-    python benchmarks/copsd_evidence.py            # after `dvc repro teacher` (or `make run`)
+    python experiments/copsd_evidence.py            # after `dvc repro teacher` (or `make run`)
 
 Every variant starts from the same initial student (a partly aligned model: it was taught refusals
 for violence and illegal requests only) and the same teacher, with the project's settings; only
@@ -29,7 +29,7 @@ The teachers themselves are evaluated on constitution-wrapped prompts too (``tea
 show the problem the world is built to have: the constitution-conditioned teacher is safe but
 over-cautious, and Cross-SFT is meant to fix that before distillation.
 
-Writes ``benchmarks/results/copsd_evidence.{json,md,png}``: a table (harmful refusal, over-refusal
+Writes ``experiments/results/copsd_evidence.{json,md,png}``: a table (harmful refusal, over-refusal
 greedy and sampled with their 95% bootstrap intervals over prompts, reasoning, helpfulness, length,
 entropy, safety gain and safety tax against the initial student; mean ± sd over seeds) and a figure (safety vs helpfulness per run; response length and student
 entropy along training). Results are saved after every run; a rerun skips what is there.
@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 import tasks  # noqa: E402,F401  (environment)
 import torch  # noqa: E402
 
-from benchmarks.fire_study import T975, _quiet  # noqa: E402  (one worker set-up, one t table)
+from experiments.common import RESULTS, T975, quiet  # noqa: E402  (one worker set-up, one t table)
 from opd.config import load  # noqa: E402
 from opd.copsd import wrap  # noqa: E402
 from opd.cross_sft import cross_sft_stage  # noqa: E402
@@ -110,7 +110,7 @@ ONE_THREAD = {"runtime.threads": 1, "distill.checkpoint_every": 10**6}
 
 def run_reference(work: str) -> dict[str, Any]:
     """The initial student on bare prompts and the original teacher on constitution-wrapped ones."""
-    _quiet()
+    quiet()
     lay, base = Layout(ROOT), Path(work) / "base"
     params = load(lay.params, ONE_THREAD)
     table, _ = evaluate_stage(params, lay.prepared, {"s": resolve(base, "student_init")})
@@ -121,7 +121,7 @@ def run_reference(work: str) -> dict[str, Any]:
 def run_cross(seed: int, work: str) -> dict[str, Any]:
     """Cross-SFT of the teacher for one seed (shared by every COPSD variant of that seed), and the
     recalibrated teacher evaluated on constitution-wrapped prompts."""
-    _quiet()
+    quiet()
     lay, wdir = Layout(ROOT), Path(work)
     p = load(lay.params, {"distill.method": "copsd", "seed": seed, **ONE_THREAD})
     mix, _ = cross_sft_stage(p, lay.prepared, wdir / "base", wdir / f"cross-{seed}", wdir / f"ckpt-cross-{seed}")
@@ -130,7 +130,7 @@ def run_cross(seed: int, work: str) -> dict[str, Any]:
 
 def run_variant(name: str, seed: int, work: str, init: dict[str, float]) -> dict[str, Any]:
     """Distil the initial student with one variant and seed, evaluate it, return its metrics and curves."""
-    _quiet()
+    quiet()
     lay, wdir = Layout(ROOT), Path(work)
     p = load(lay.params, {**VARIANTS[name], "seed": seed, **ONE_THREAD})
     tag = f"{name.replace(' ', '_').replace('+', 'p')}-{seed}-{os.getpid()}"
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     lay = Layout(ROOT)
     if not (lay.models_base / "manifest.json").is_file():

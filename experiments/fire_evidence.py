@@ -1,6 +1,6 @@
 """FiRe-OPD evidence: student-init, vanilla OPD, FiRe and its ablations, 3 seeds, on the embedded world.
 
-    python benchmarks/fire_evidence.py            # after `dvc repro teacher` (or `make run`)
+    python experiments/fire_evidence.py            # after `dvc repro teacher` (or `make run`)
 
 Every variant distils the same initial student from the same teacher(s) with the project's
 ``distill`` settings; only ``seed`` (the rollout / sampling RNG) changes between repeats. Settings:
@@ -10,7 +10,7 @@ Every variant distils the same initial student from the same teacher(s) with the
   each trained in the teacher stage on its own tasks only.
 
 Prints a markdown table of eval reasoning accuracy (greedy exact match; mean and spread over
-seeds) and writes ``benchmarks/results/fire_evidence.{json,md,png}``. Results are saved after
+seeds) and writes ``experiments/results/fire_evidence.{json,md,png}``. Results are saved after
 every run and a rerun skips what is already there, so an interrupted sweep resumes. The base
 models are copied into the work folder first: a concurrent ``dvc repro`` deletes ``models/base``
 while it re-runs the teacher stage.
@@ -28,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from experiments.common import RESULTS  # noqa: E402
 
 import tasks  # noqa: E402,F401  (environment)
 from opd.config import load  # noqa: E402
@@ -53,7 +55,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--settings", nargs="+", default=["single", "multi"], choices=["single", "multi"])
     ap.add_argument("--steps", type=int, default=None, help="distill.steps (default: params.yaml)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     lay = Layout(ROOT)
     work = args.out / "fire_work"

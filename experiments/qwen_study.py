@@ -1,7 +1,7 @@
 """COPSD and OPD / FiRe on a real pair: Qwen2.5-Coder-1.5B-Instruct -> Qwen2.5-Coder-0.5B-Instruct.
 
     make real PAIR=qwen REAL=../opd-qwen STAGES=prepare      # import the pair, write the data, prepare
-    python benchmarks/qwen_study.py --root ../opd-qwen       # resumable; results in benchmarks/results/
+    python experiments/qwen_study.py --root ../opd-qwen       # resumable; results in experiments/results/
 
 Every run starts from the same initial student (the 0.5B as shipped) with the recipe's settings
 (``params.qwen.yaml``), through the pipeline's own stage functions; only the named keys change:
@@ -37,6 +37,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from experiments.common import RESULTS  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -94,7 +96,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, required=True, help="the recipe's work tree (params.yaml = params.qwen.yaml)")
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="for every run")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     import yaml
 

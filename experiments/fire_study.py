@@ -1,6 +1,6 @@
 """FiRe-OPD: when does the filter help? Teacher reliability x method, paired seeds, on the embedded world.
 
-    .venv/bin/dvc repro prepare && .venv/bin/python benchmarks/fire_study.py   # ~75 min on 2 cores
+    .venv/bin/dvc repro prepare && .venv/bin/python experiments/fire_study.py   # ~75 min on 2 cores
 
 Teachers of controlled reliability come from the teacher stage's own setting
 ``teacher.sft.wrong_answer_categories``: the teacher is trained with a wrong final answer (right + 1..9,
@@ -18,7 +18,7 @@ A learning-rate check runs vanilla OPD and FiRe at three learning rates at the m
 
 Runs go to ``--workers`` processes of one torch thread each (on 2 cores, two one-thread runs do
 about twice the work of one two-thread run for models this small). Results are saved after every
-run and a rerun skips what is there. Writes ``benchmarks/results/fire_study.{json,md,png}``.
+run and a rerun skips what is there. Writes ``experiments/results/fire_study.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from experiments.common import quiet, RESULTS, T975  # noqa: E402
+
 TYPES = ("apples", "coins", "pens", "books", "cards", "shells")  # the embedded world's reasoning types
 LEVELS: dict[str, list[str]] = {"rho=0": [], "rho=1/3": list(TYPES[:2]), "rho=2/3": list(TYPES[:4])}
 FIRE_OFF = {"distill.method": "fire", "fire.filter": False, "fire.reweight": False, "fire.token_select": False,
@@ -55,7 +57,6 @@ METHODS: dict[str, dict[str, Any]] = {  # every FiRe key set: the study does not
 }
 LR_LEVEL, LR_METHODS, LRS = "rho=1/3", ("vanilla OPD", "FiRe (q=0.2 + reweight)"), (5e-4, 1e-3, 2e-3)
 AUDIT = ("kept_frac", "kept_reliability", "dropped_reliability", "weight_mean", "weight_p90", "weight_max")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def key_of(level: str, method: str, seed: int, lr: float) -> str:
@@ -63,17 +64,9 @@ def key_of(level: str, method: str, seed: int, lr: float) -> str:
 
 
 # ----------------------------------------------------------------------------- work (in worker processes)
-def _quiet() -> None:
-    """Workers print nothing (progress bars of two runs interleave); errors reach the driver as exceptions."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (for the worker's lifetime)
-
-
 def build_teacher(level: str, work: str, steps_override: dict[str, Any]) -> dict[str, Any]:
     """The level's teacher (and, at level 0, the shared initial student) in ``work/base-<level>``."""
-    _quiet()
+    quiet()
     import tasks  # noqa: F401  (environment)
     from opd.config import load
     from opd.paths import Layout
@@ -96,7 +89,7 @@ LEVELS_DIR = {name: name.replace("=", "").replace("/", "of") for name in LEVELS}
 
 def run_one(level: str, method: str, seed: int, lr: float, steps: int, work: str) -> dict[str, Any]:
     """Distil the shared initial student from the level's teacher; evaluate on held-out reasoning."""
-    _quiet()
+    quiet()
     import tasks  # noqa: F401
     from opd.config import load
     from opd.evaluate import load_detector, reliability
@@ -248,7 +241,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="distill.steps of every run")
     ap.add_argument("--teacher-steps", type=int, default=None, help="teacher.sft.steps (default: params.yaml)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not (ROOT / "data" / "prepared" / "train.jsonl").is_file():
         sys.exit("data/prepared missing: run `dvc repro prepare` first")

@@ -1,7 +1,7 @@
 """Why COPSD's student over-refuses although its teacher does not: refusal rates and token rewards.
 
-    python benchmarks/over_refusal_probe.py                          # after `make run`
-    python benchmarks/over_refusal_probe.py --student models/student # after `dvc exp run -S distill.method=copsd`
+    python experiments/over_refusal_probe.py                          # after `make run`
+    python experiments/over_refusal_probe.py --student models/student # after `dvc exp run -S distill.method=copsd`
 
 Two tables on the borderline prompts (benign requests that look risky), train and eval split:
 
@@ -16,7 +16,7 @@ Two tables on the borderline prompts (benign requests that look risky), train an
    response is a refusal; the rest is its continuation. Group normalisation ranks a sample by its
    tokens' rewards against the group's other samples, so what matters is which response scores higher.
 
-Writes ``benchmarks/results/over_refusal_probe.json``.
+Writes ``experiments/results/over_refusal_probe.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from transformers import PreTrainedTokenizerBase
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from experiments.common import RESULTS  # noqa: E402
 
 from opd.config import EvaluateConfig, load  # noqa: E402
 from opd.copsd import token_rewards, wrap  # noqa: E402
@@ -72,7 +74,7 @@ def main() -> None:
     ap.add_argument("--student", type=Path, nargs="*", default=[], help="distilled student folders to probe too")
     ap.add_argument("--teacher", type=Path, default=None,
                     help="the recalibrated teacher to probe (default: models/cross_sft/teacher)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     lay = Layout(ROOT)
     params = load(lay.params)

@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 from opd.allocator import preload_env  # noqa: E402
 from opd.config import ArchConfig, DistillConfig, RolloutConfig, RuntimeConfig  # noqa: E402
 from opd.models import build_llama, load_tokenizer  # noqa: E402
-from opd.stages import load_rows  # noqa: E402
+from opd.data import load_rows  # noqa: E402
 
 TEACHER = ArchConfig(hidden_size=128, num_layers=4, intermediate_size=384, num_heads=4, max_positions=256)
 STUDENT = ArchConfig(hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4, max_positions=256)

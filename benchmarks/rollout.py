@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from opd.config import ArchConfig, RolloutConfig  # noqa: E402
 from opd.models import build_llama, load_tokenizer  # noqa: E402
 from opd.rollout import TransformersBackend  # noqa: E402
-from opd.stages import load_rows  # noqa: E402
+from opd.data import load_rows  # noqa: E402
 from opd.tokens import pad, prompt_ids  # noqa: E402
 
 STUDENT = ArchConfig(hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4, max_positions=256)

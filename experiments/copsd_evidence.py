@@ -58,12 +58,15 @@ import torch  # noqa: E402
 
 from experiments.common import RESULTS, T975, quiet  # noqa: E402  (one worker set-up, one t table)
 from opd.config import load  # noqa: E402
-from opd.copsd import wrap  # noqa: E402
+from opd.constitution import wrap  # noqa: E402
 from opd.cross_sft import cross_sft_stage  # noqa: E402
 from opd.evaluate import evaluate_model, load_detector, safety_tax  # noqa: E402
 from opd.models import load_model, load_tokenizer  # noqa: E402
 from opd.paths import Layout  # noqa: E402
-from opd.stages import constitutions_of, distill_stage, evaluate_stage, load_rows, resolve  # noqa: E402
+from opd.stages import distill_stage, evaluate_stage  # noqa: E402
+from opd.constitution import constitutions_of
+from opd.data import load_rows
+from opd.paths import resolve
 
 OUTCOME = ["reasoning", "borderline", "general"]  # the reference's general-ability sources; safety keeps the token reward
 NO_FKL = {"copsd.fkl_coef": 0.0}  # COPSD's mass-covering term off: every variant as it was measured

@@ -34,7 +34,8 @@ from experiments.common import RESULTS  # noqa: E402
 import tasks  # noqa: E402,F401  (environment)
 from opd.config import load  # noqa: E402
 from opd.paths import Layout  # noqa: E402
-from opd.stages import distill_stage, evaluate_stage, resolve, teacher_stage  # noqa: E402
+from opd.stages import distill_stage, evaluate_stage, teacher_stage  # noqa: E402
+from opd.paths import resolve
 
 VARIANTS: dict[str, dict[str, object]] = {
     "vanilla OPD": {"distill.method": "opd"},

@@ -70,7 +70,8 @@ def build_teacher(level: str, work: str, steps_override: dict[str, Any]) -> dict
     import tasks  # noqa: F401  (environment)
     from opd.config import load
     from opd.paths import Layout
-    from opd.stages import RELIABILITY, resolve, teacher_stage
+    from opd.stages import RELIABILITY, teacher_stage
+    from opd.paths import resolve
 
     lay, base = Layout(ROOT), Path(work) / f"base-{LEVELS_DIR[level]}"
     if not (base / "manifest.json").is_file():
@@ -95,7 +96,8 @@ def run_one(level: str, method: str, seed: int, lr: float, steps: int, work: str
     from opd.evaluate import load_detector, reliability
     from opd.models import load_model, load_tokenizer
     from opd.paths import Layout
-    from opd.stages import distill_stage, load_rows
+    from opd.stages import distill_stage
+    from opd.data import load_rows
 
     lay, wdir = Layout(ROOT), Path(work)
     params = load(lay.params, {**METHODS[method], "seed": seed, "distill.lr": lr, "distill.steps": steps,

@@ -36,12 +36,15 @@ sys.path.insert(0, str(ROOT))
 from experiments.common import RESULTS  # noqa: E402
 
 from opd.config import EvaluateConfig, load  # noqa: E402
-from opd.copsd import token_rewards, wrap  # noqa: E402
+from opd.copsd import token_rewards  # noqa: E402
+from opd.constitution import wrap
 from opd.evaluate import generate, load_detector  # noqa: E402
 from opd.models import load_model, load_tokenizer  # noqa: E402
 from opd.paths import Layout  # noqa: E402
 from opd.scoring import Sequences, token_stats  # noqa: E402
-from opd.stages import constitutions_of, load_rows, resolve  # noqa: E402
+from opd.constitution import constitutions_of  # noqa: E402
+from opd.data import load_rows  # noqa: E402
+from opd.paths import resolve  # noqa: E402
 from opd.tokens import prompt_ids, response_ids  # noqa: E402
 from opd.world.behaviour import CAUTIOUS_REFUSAL  # noqa: E402
 from opd.world.generate import HARMFUL  # noqa: E402

@@ -45,11 +45,13 @@ import torch  # noqa: E402
 
 import tasks  # noqa: E402,F401  (environment)
 from opd.config import load  # noqa: E402
-from opd.copsd import wrap  # noqa: E402
+from opd.constitution import wrap  # noqa: E402
 from opd.data import write_json  # noqa: E402
 from opd.evaluate import evaluate_model, load_detector  # noqa: E402
 from opd.models import dtype_of, load_model, load_tokenizer  # noqa: E402
-from opd.stages import constitutions_of, distill_stage, evaluate_stage, load_rows  # noqa: E402
+from opd.stages import distill_stage, evaluate_stage  # noqa: E402
+from opd.constitution import constitutions_of
+from opd.data import load_rows
 
 REASONING = {"distill.tasks": ["reasoning"], "rollout.max_new_tokens": 192}
 RUNS: dict[str, dict[str, Any]] = {

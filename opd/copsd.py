@@ -1,62 +1,21 @@
-"""COPSD building blocks (docs/algorithms.md, sections 4-5): constitutions, token rewards, group advantages,
-and the Cross-SFT recalibration mix.
+"""COPSD building blocks (docs/algorithms.md, sections 4-5): token rewards, group advantages, and the
+Cross-SFT recalibration mix.
 
-The teacher sees the prompt with its category's constitution (around the query, or as the system
-turn: ``copsd.constitution_role``); the student always sees the bare prompt. Rewards are the clipped teacher-minus-behaviour log-prob of each sampled token, and
+The teacher sees the prompt with its category's constitution (:mod:`opd.constitution`); the student
+always sees the bare prompt. Rewards are the clipped teacher-minus-behaviour log-prob of each sampled token, and
 advantages are normalised over ALL valid tokens of the ``n`` responses to one prompt (population
 mean and standard deviation).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
+from opd.constitution import teacher_view
 from opd.data import Row
-from opd.world.constitutions import SLOT, validate_constitutions
-
-
-def load_constitutions(path: str | Path) -> dict[str, str]:
-    """A JSON object ``{category: template}`` with a ``default``; every template has ``{user_query}``."""
-    try:
-        texts = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"constitutions file {path}: {err}") from None
-    if not isinstance(texts, dict):
-        raise ValueError(f"constitutions file {path}: expected a JSON object of category -> template")
-    return validate_constitutions(texts)
-
-
-def constitution_of(category: str, constitutions: dict[str, str]) -> str:
-    """The template of a category; categories without one use the ``default``."""
-    return constitutions.get(category, constitutions["default"])
-
-
-def wrap(query: str, category: str, constitutions: dict[str, str]) -> str:
-    """``x_c = constitution_template.format(user_query=x)``."""
-    return constitution_of(category, constitutions).format(user_query=query)
-
-
-def as_system(template: str) -> str:
-    """A constitution as a system turn: its text without the query slot and without a label left
-    dangling before the slot ("... Query: {user_query}" -> "..."); the query is the user turn."""
-    before, after = template.split(SLOT, 1)
-    before = re.sub(r"[\w ]{1,30}:\s*$", "", before.rstrip()).rstrip()
-    return (before + "\n\n" + after.strip()).strip() if after.strip() else before
-
-
-def teacher_view(row: Row, constitutions: dict[str, str], role: str = "user") -> Row:
-    """The row as COPSD's teacher reads it: the constitution around the query in the user turn
-    (``role: user``, the paper's x_c) or as the system turn before the bare query (``role: system``).
-    The student never sees it: its rows stay bare."""
-    if role == "system":
-        return replace(row, system=as_system(constitution_of(row.category, constitutions)))
-    return replace(row, prompt=wrap(row.prompt, row.category, constitutions))
 
 
 def token_rewards(t_logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, low: float = -3.0,

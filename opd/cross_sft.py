@@ -28,14 +28,17 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd.config import CrossSFTConfig, Params, RolloutConfig
-from opd.copsd import cross_sft_rows, teacher_view
+from opd.copsd import cross_sft_rows
+from opd.constitution import teacher_view
 from opd.data import Row, atomic_dir, write_json
 from opd.distill import PromptPool, sft_step
 from opd.answers import check_answer
 from opd.evaluate import load_detector, token_f1
 from opd.models import check_compatible, load_model, load_tokenizer, save_model
 from opd.rollout import TransformersBackend
-from opd.stages import constitutions_of, content_of, load_rows, resolve
+from opd.constitution import constitutions_of
+from opd.data import content_of, load_rows
+from opd.paths import resolve
 from opd.tokens import row_prompt_ids
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, train
 

@@ -246,3 +246,14 @@ def chat(prompt: str, system: str | None = None) -> list[dict[str, str]]:
     """The messages of one prompt: an optional system turn, then the user turn. Without a system
     turn a model's template adds its own default one (SmolLM2's "You are a helpful AI assistant...")."""
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def load_rows(prepared: Path, split: str) -> list[Row]:
+    """A prepared split (``train`` / ``eval``) as rows."""
+    return records_to_rows(read_jsonl(prepared / f"{split}.jsonl"))
+
+
+def content_of(*paths: Path) -> dict[str, str]:
+    """Content hashes of what a run reads (the train split, the tokenizer, model folders), for checkpoint
+    fingerprints: a killed run resumes only into the very same inputs, never after the data changed."""
+    return {f"{i}:{Path(p).name}": digest(Path(p)) for i, p in enumerate(paths)}  # two folders may share a name

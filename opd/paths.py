@@ -6,6 +6,7 @@ the repository root, and tests run whole stages inside temporary copies.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,3 +51,15 @@ class Layout:
     @property
     def plots(self) -> Path:
         return self.root / "plots"
+
+
+MANIFEST = "manifest.json"  # the teacher stage's names of the model folders it provides
+
+
+def resolve(base: Path, name: str) -> Path:
+    """A model folder named in the teacher stage's manifest (relative names live under ``base``)."""
+    mpath = base / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{mpath} missing: run the teacher stage first (dvc repro teacher)")
+    path = Path(json.loads(mpath.read_text())[name])
+    return path if path.is_absolute() else base / path

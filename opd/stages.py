@@ -24,30 +24,20 @@ import torch
 
 from opd.answers import extract_answer, replace_answer
 from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
-from opd.data import Row, atomic_dir, atomic_write_text, digest, read_jsonl, records_to_rows, write_json
-from opd.copsd import load_constitutions, teacher_view
+from opd.constitution import constitutions_of, teacher_view
+from opd.data import Row, atomic_dir, atomic_write_text, content_of, load_rows, write_json
 from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
 from opd.evaluate import evaluate_model, load_detector, load_judge, reliability, safety_tax
 from opd.models import (build_llama, check_compatible, count_parameters, dtype_of, evenly_spaced, load_model,
                         load_tokenizer, prune_layers, save_model)
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend, stop_ids
 from opd.model_card import model_card, shown
-from opd.paths import Layout
+from opd.paths import MANIFEST, Layout, resolve
 from opd.templates import template_gap
 from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
 
-MANIFEST = "manifest.json"
 RELIABILITY = "reliability.json"  # each teacher's greedy correctness per "<task>/<category>" (eval split)
-
-
-def load_rows(prepared: Path, split: str) -> list[Row]:
-    return records_to_rows(read_jsonl(prepared / f"{split}.jsonl"))
-
-
-def constitutions_of(params: Params, prepared: Path) -> dict[str, str]:
-    """The user's constitution file (``copsd.constitutions``) or the prepared default set."""
-    return load_constitutions(params.copsd.constitutions or prepared / "constitutions.json")
 
 
 def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
@@ -59,12 +49,6 @@ def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
     w.writeheader()
     w.writerows(history)
     atomic_write_text(path, buf.getvalue())
-
-
-def content_of(*paths: Path) -> dict[str, str]:
-    """Content hashes of what a run reads (the train split, the tokenizer, model folders), for checkpoint
-    fingerprints: a killed run resumes only into the very same inputs, never after the data changed."""
-    return {f"{i}:{Path(p).name}": digest(Path(p)) for i, p in enumerate(paths)}  # two folders may share a name
 
 
 # ----------------------------------------------------------------------------- teacher stage
@@ -177,15 +161,6 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
         write_json(tmp / RELIABILITY, reliable)
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the models are saved; checkpoints only served resume
     return summary, curves
-
-
-def resolve(base: Path, name: str) -> Path:
-    """A model folder named in the teacher stage's manifest (relative names live under ``base``)."""
-    mpath = base / MANIFEST
-    if not mpath.is_file():
-        raise FileNotFoundError(f"{mpath} missing: run the teacher stage first (dvc repro teacher)")
-    path = Path(json.loads(mpath.read_text())[name])
-    return path if path.is_absolute() else base / path
 
 
 # ----------------------------------------------------------------------------- distill stage

@@ -12,7 +12,8 @@ from opd import __version__
 from opd.config import Params
 from opd.paths import Layout
 from opd.data import write_json
-from opd.stages import evaluate_stage, resolve
+from opd.stages import evaluate_stage
+from opd.paths import resolve
 from tasks.outputs import plot_bars, write_metrics
 from tasks.tracking import log_dataset
 

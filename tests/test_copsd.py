@@ -8,7 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.copsd import cross_sft_rows, group_advantages, load_constitutions, teacher_view, token_rewards, wrap
+from opd.copsd import cross_sft_rows, group_advantages, token_rewards
+
+from opd.constitution import load_constitutions, teacher_view, wrap
 from opd.data import Row
 from opd.world.constitutions import DEFAULT_CONSTITUTIONS
 

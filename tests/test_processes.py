@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from opd.config import load
+from opd.paths import resolve
 from tests.conftest import REPO
 from tests.test_stages import tiny_project
 
@@ -140,7 +141,7 @@ def test_bf16_loads_frozen_models_in_bf16_and_runs_the_step_under_autocast(proj,
             return {"loss": float(loss)}
         return step
 
-    train(acc, real(stages.resolve(lay.models_base, "student_init")), factory, LoopSettings(steps=1, lr=1e-3))
+    train(acc, real(resolve(lay.models_base, "student_init")), factory, LoopSettings(steps=1, lr=1e-3))
     assert seen == [(True, torch.bfloat16)]
 
 

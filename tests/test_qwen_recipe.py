@@ -18,10 +18,12 @@ from opd.config import load
 from opd.evaluate import eval_rows, greedy_outcomes
 from opd.models import load_model, load_tokenizer, save_model
 from opd.real_data import write
-from opd.stages import distill_stage, evaluate_stage, load_rows, resolve, teacher_stage
+from opd.stages import distill_stage, evaluate_stage, teacher_stage
+from opd.data import load_rows
+from opd.paths import resolve
 from opd.tokens import row_prompt_ids
 from tasks.prepare import validate, write_prepared
-from tests.conftest import committed_params
+from tests.conftest import recipe_params
 from tests.test_real_data import fake_harmbench
 
 QWEN_CHATML = ("{%- if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "

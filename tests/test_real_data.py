@@ -9,7 +9,7 @@ import pytest
 
 from opd.answers import extract_answer
 from opd.config import DataConfig
-from opd.copsd import load_constitutions
+from opd.constitution import load_constitutions
 from opd.data import load_user_records
 from opd.real_data import REFUSALS, harmbench_csv, word_problem, write
 from tasks.validate import validate_records

@@ -18,7 +18,9 @@ from opd.config import load
 from opd.data import rows_to_records
 from opd.paths import Layout
 from opd.cross_sft import cross_sft_stage
-from opd.stages import distill_stage, evaluate_stage, load_rows, resolve, teacher_stage
+from opd.stages import distill_stage, evaluate_stage, teacher_stage
+from opd.data import load_rows
+from opd.paths import resolve
 from opd.train import LoopSettings, NonFiniteLoss, checkpoints_to_resume, make_accelerator, train
 from opd.world import build_world
 from tasks.prepare import write_prepared
@@ -70,7 +72,8 @@ def test_a_teacher_with_wrong_answers_on_some_problem_types(base):
     """sft.wrong_answer_categories: the SFT references of those reasoning types state a wrong final answer
     (right + 1..9, varied by row), their worked steps and every other row untouched."""
     from opd.answers import extract_answer
-    from opd.stages import constitutions_of, sft_rows
+    from opd.stages import sft_rows
+    from opd.constitution import constitutions_of
 
     root, lay, _, _ = base
     params = load(root / "params.yaml", {"teacher.sft.wrong_answer_categories": ["apples", "coins"]})
@@ -222,7 +225,7 @@ def test_nan_loss_stops_with_the_step_named(base, tmp_path):
     params = load(root / "params.yaml")
     from opd.distill import PromptPool, sft_step
     from opd.models import build_llama, load_tokenizer
-    from opd.stages import load_rows
+    from opd.data import load_rows
 
     tok = load_tokenizer(lay.prepared / "tokenizer")
     model = build_llama(params.student.arch, tok, 0)

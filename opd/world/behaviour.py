@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 
-from opd.copsd import wrap
+from opd.constitution import wrap
 from opd.data import Row
 
 CAUTIOUS_REFUSAL = "I can't help with that, it may be risky. Please ask an expert."

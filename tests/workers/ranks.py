@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import tasks  # noqa: E402,F401  (environment)
 from opd import stages  # noqa: E402
 from opd.config import load  # noqa: E402
-from opd.paths import Layout  # noqa: E402
+from opd.data import load_rows  # noqa: E402
+from opd.paths import Layout, resolve  # noqa: E402
 
 METHODS = {
     "opd": {"distill.method": "opd"},
@@ -65,7 +66,7 @@ def methods(root: Path, out: Path) -> None:
         stages.save_trained = keep
         from opd.models import load_tokenizer
 
-        tok = load_tokenizer(stages.resolve(lay.models_base, "student_init"))
+        tok = load_tokenizer(resolve(lay.models_base, "student_init"))
         summary, history = stages.distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft,
                                                 out / f"{name}-w{world}", out / f"ckpt-{name}-w{world}",
                                                 sampler=lambda m: Replay(len(tok), tok.eos_token_id))
@@ -88,14 +89,14 @@ def fsdp2(root: Path, out: Path) -> None:
     lay = Layout(root)
     params = load(root / "params.yaml", {"distill.prompts_per_step": 8, "distill.warmup_steps": 0})
     acc = Accelerator(cpu=True)
-    s_path, t_path = stages.resolve(lay.models_base, "student_init"), stages.resolve(lay.models_base, "teacher")
+    s_path, t_path = resolve(lay.models_base, "student_init"), resolve(lay.models_base, "teacher")
     tok = load_tokenizer(s_path)
     student = load_model(s_path)
     for layer in student.model.layers:
         fully_shard(layer)
     fully_shard(student)
     teacher = load_model(t_path).eval().requires_grad_(False)
-    pool = PromptPool(stages.load_rows(lay.prepared, "train"), tok)
+    pool = PromptPool(load_rows(lay.prepared, "train"), tok)
     opt = torch.optim.AdamW(student.parameters(), lr=params.distill.lr, betas=(0.9, 0.98), weight_decay=0.0)
     d: DistillConfig = params.distill
     step = opd_step(acc, student, {"default": teacher}, pool, Replay(len(tok), tok.eos_token_id), tok, d,
@@ -139,9 +140,9 @@ def nan(root: Path, out: Path) -> None:
     lay = Layout(root)
     params = load(root / "params.yaml")
     acc = make_accelerator(params.runtime)
-    s_path = stages.resolve(lay.models_base, "student_init")
+    s_path = resolve(lay.models_base, "student_init")
     tok = load_tokenizer(s_path)
-    pool = PromptPool(stages.load_rows(lay.prepared, "train"), tok)
+    pool = PromptPool(load_rows(lay.prepared, "train"), tok)
 
     def factory(m, _):
         real = sft_step(acc, m, pool, tok, 8)

@@ -324,24 +324,3 @@ def log_dataset(prepared: Path, split: str) -> None:
     ds = MetaDataset(resolve_dataset_source(str(path)), name=f"prompts-{split}", digest=digest(path)[:16], schema=schema)
     mlflow.log_input(ds, context="training" if split == "train" else "evaluation")
 
-
-def log_curves(history: list[dict[str, Any]], keys: list[str], title: str, artifact: str) -> None:
-    """A PNG of per-step curves, for the MLflow UI (dvc plots HTML needs a CDN offline)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in keys if any(k in h for h in history)]
-    if not history or not keys:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    steps = [h["step"] for h in history]
-    for ax, k in zip(axes[0], keys):
-        ax.plot(steps, [h.get(k, float("nan")) for h in history])
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    fig.suptitle(title)
-    fig.tight_layout()
-    mlflow.log_figure(fig, artifact)
-    plt.close(fig)

@@ -17,9 +17,9 @@ batch 16 prompts from the prepared train split; up to 48 new tokens sampled at t
 reverse KL; AdamW; fully on-policy. A step is rollout + teacher scoring + loss + backward +
 optimiser step.
 
-- ``engine-gkd``: :func:`opd.distill.gkd_step` with ``loss: reverse_kl`` over the full vocabulary,
+- ``engine-gkd``: :func:`opd.methods.gkd.gkd_step` with ``loss: reverse_kl`` over the full vocabulary,
   chunked, run by the engine's training loop (the same loss as TRL's, the fair comparison);
-- ``engine-opd``: :func:`opd.distill.opd_step`, the sampled-token reverse-KL advantage with
+- ``engine-opd``: :func:`opd.methods.sampled.sampled_step`, the sampled-token reverse-KL advantage with
   PPO-clip (the engine's default method: no full-vocabulary teacher distribution at all);
 - ``trl-gkd``: ``trl.experimental.gkd.GKDTrainer`` (``lmbda=1``, ``beta=1`` = reverse KL,
   ``temperature=1``) through ``Trainer.train``.
@@ -134,7 +134,9 @@ def run_engine(method: str, steps: int, warmup: int, seed: int, bf16: bool = Fal
     """``bf16``: the engine's half-precision settings: ``runtime.mixed_precision: bf16`` (the teacher stored
     in bf16, every pass under autocast, fp32 master weights) and ``rollout.dtype: bf16`` (a bf16 sampler
     copy of the student)."""
-    from opd.distill import PromptPool, gkd_step, opd_step
+    from opd.batch import PromptPool
+    from opd.methods.gkd import gkd_step
+    from opd.methods.sampled import sampled_step
     from opd.rollout import TransformersBackend
     from opd.train import LoopSettings, make_accelerator, train
 
@@ -161,7 +163,7 @@ def run_engine(method: str, steps: int, warmup: int, seed: int, bf16: bool = Fal
         backend = TransformersBackend(m, tok, rcfg)
         if method == "gkd":
             return gkd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg)
-        return opd_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg, optimize, unit=timed)
+        return sampled_step(acc, m, {"default": teacher}, pool, backend, tok, d, rcfg, optimize, unit=timed)
 
     marks: list[tuple[float, float]] = []  # (time, tokens) after each step
     peak: list[Peak] = []

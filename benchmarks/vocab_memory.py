@@ -2,7 +2,7 @@
 
     python benchmarks/vocab_memory.py --teacher models/real/teacher --data data/real [--batch 8]
 
-Each measurement is two training steps of :func:`opd.distill.gkd_step` (generalised JSD, beta 0.5,
+Each measurement is two training steps of :func:`opd.methods.gkd.gkd_step` (generalised JSD, beta 0.5,
 full vocabulary or teacher top-k + tail bucket) through the engine's loop, in a fresh subprocess:
 
 - ``smollm2``: the imported SmolLM2-135M-Instruct as teacher, an 8-layer student pruned from it,
@@ -53,7 +53,8 @@ def qwen2(layers: int, seed: int) -> torch.nn.Module:
 
 
 def one(model: str, chunk: int, top_k: int, teacher_dir: str, data: str, batch: int, new_tokens: int) -> dict[str, float]:
-    from opd.distill import PromptPool, gkd_step
+    from opd.batch import PromptPool
+    from opd.methods.gkd import gkd_step
     from opd.rollout import TransformersBackend
     from opd.train import LoopSettings, make_accelerator, train
 

@@ -70,7 +70,8 @@ def build_teacher(level: str, work: str, steps_override: dict[str, Any]) -> dict
     import tasks  # noqa: F401  (environment)
     from opd.config import load
     from opd.paths import Layout
-    from opd.stages import RELIABILITY, teacher_stage
+    from opd.paths import RELIABILITY
+    from opd.stages import teacher_stage
     from opd.paths import resolve
 
     lay, base = Layout(ROOT), Path(work) / f"base-{LEVELS_DIR[level]}"

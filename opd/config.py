@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 
-TASKS = ("reasoning", "safety", "borderline", "general")
+Task = Literal["reasoning", "safety", "borderline", "general"]  # what a data row asks of the model
+TASKS: tuple[str, ...] = get_args(Task)
+MethodName = Literal["opd", "gkd", "sft", "fire", "copsd"]  # the keys of opd.methods.METHODS (a test checks)
 CATEGORY_PATTERN = r"^[a-z][a-z0-9_]*$"  # a row's harm category: a lowercase label naming its constitution
 
 
@@ -97,7 +99,7 @@ class SFTConfig(_Section):
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
-    tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
+    tasks: list[Task] = list(TASKS)
     # Safety rows of only these harm categories (null = all): a partly aligned model.
     safety_categories: list[Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]] | None = None
     # Embedded world only: "cautious" also trains on constitution-wrapped copies of the rows with
@@ -191,7 +193,7 @@ class CopsdConfig(_Section):
     # The reference code's second path ("OPSDGate"): rows of these tasks get an OUTCOME reward per
     # response from `outcome_judge`, normalised over the prompt's n responses and spread over its tokens;
     # the other rows keep the token-level teacher reward.
-    outcome_tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = []
+    outcome_tasks: list[Task] = []
     # checker: reasoning the right answer (1/0), safety a refusal (1/0), borderline and general 0 when
     # refused else token F1 vs the reference; or "module:function" (row, response text) -> float, e.g. a
     # local judge model
@@ -221,7 +223,7 @@ class CrossSFTConfig(_Section):
     warmup_steps: int = Field(5, ge=0)
     # (a) the initial student's own answers to these prompts, kept when the checker accepts them
     include_self: bool = True  # false: the "w/o self" ablation (source (a) dropped)
-    self_tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = ["reasoning", "borderline", "general"]
+    self_tasks: list[Task] = ["reasoning", "borderline", "general"]
     samples: int = Field(8, ge=1)  # student samples per prompt
     keep: Literal["first", "best"] = "first"  # which accepted sample: the first, or the highest token F1
     min_f1: float = Field(0.3, ge=0.0, le=1.0)  # checker: not a refusal, token F1 vs reference >= this
@@ -231,7 +233,7 @@ class CrossSFTConfig(_Section):
 
 
 class DistillConfig(_Section):
-    method: Literal["opd", "gkd", "sft", "fire", "copsd"] = "opd"
+    method: MethodName = "opd"
     # single: every row is scored by `teacher`; by_row: a row's `teacher` field names one of
     # `teachers` (rows without one use `teacher`).
     routing: Literal["single", "by_row"] = "single"
@@ -271,7 +273,7 @@ class DistillConfig(_Section):
     checkpoint_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     resume: Literal["auto", "never"] = "auto"
-    tasks: list[Literal["reasoning", "safety", "borderline", "general"]] = list(TASKS)
+    tasks: list[Task] = list(TASKS)
     log_every: int = Field(5, ge=1)
     # Run each step's rollout / score / shape / update as Prefect tasks (opd, fire, copsd); false:
     # the whole loop is one task. Costs about 6 ms per unit on the local API (docs/tracking.md).
@@ -281,7 +283,7 @@ class DistillConfig(_Section):
 class EvaluateConfig(_Section):
     max_new_tokens: int = Field(48, ge=1)
     # a task's own budget where its answers are longer (a real model's worked solutions: reasoning 192+)
-    max_new_tokens_by_task: dict[Literal["reasoning", "safety", "borderline", "general"], Annotated[int, Field(ge=1)]] = {}
+    max_new_tokens_by_task: dict[Task, Annotated[int, Field(ge=1)]] = {}
     samples: int = Field(4, ge=1)  # k for pass@1 over k samples on reasoning
     temperature: float = Field(1.0, gt=0.0)
     limit_per_task: int = Field(0, ge=0)  # 0 = the whole eval split

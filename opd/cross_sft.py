@@ -31,7 +31,8 @@ from opd.config import CrossSFTConfig, Params, RolloutConfig
 from opd.copsd import cross_sft_rows
 from opd.constitution import teacher_view
 from opd.data import Row, atomic_dir, write_json
-from opd.distill import PromptPool, sft_step
+from opd.batch import PromptPool
+from opd.methods.sft import sft_step
 from opd.answers import check_answer
 from opd.evaluate import load_detector, token_f1
 from opd.models import check_compatible, load_model, load_tokenizer, save_model

@@ -54,6 +54,7 @@ class Layout:
 
 
 MANIFEST = "manifest.json"  # the teacher stage's names of the model folders it provides
+RELIABILITY = "reliability.json"  # each teacher's greedy correctness per "<task>/<category>" (eval split)
 
 
 def resolve(base: Path, name: str) -> Path:

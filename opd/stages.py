@@ -10,7 +10,6 @@ import copy
 import csv
 import hashlib
 import io
-import json
 import shutil
 import time
 import warnings
@@ -24,20 +23,22 @@ import torch
 
 from opd.answers import extract_answer, replace_answer
 from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
-from opd.constitution import constitutions_of, teacher_view
+from opd.constitution import constitutions_of
 from opd.data import Row, atomic_dir, atomic_write_text, content_of, load_rows, write_json
-from opd.distill import PromptPool, Unit, copsd_shaping, fire_shaping, gkd_step, inline, opd_step, sft_step
-from opd.evaluate import evaluate_model, load_detector, load_judge, reliability, safety_tax
+from opd.batch import DEFAULT_TEACHER, PromptPool
+from opd.methods import METHODS
+from opd.methods.base import Context, Unit, inline
+from opd.methods.sft import sft_step
+from opd.evaluate import evaluate_model, load_detector, reliability, safety_tax
 from opd.models import (build_llama, check_compatible, count_parameters, dtype_of, evenly_spaced, load_model,
                         load_tokenizer, prune_layers, save_model)
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend, stop_ids
 from opd.model_card import model_card, shown
-from opd.paths import MANIFEST, Layout, resolve
+from opd.paths import MANIFEST, RELIABILITY, Layout, resolve
 from opd.templates import template_gap
 from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
 
-RELIABILITY = "reliability.json"  # each teacher's greedy correctness per "<task>/<category>" (eval split)
 
 
 def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
@@ -175,35 +176,16 @@ def context_of(model: torch.nn.Module) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9)
 
 
-def copsd_teacher(params: Params, base: Path, cross: Path) -> Path:
-    """COPSD's teacher: the Cross-SFT recalibrated one, the original ("constitution OPSD"), or the
-    initial student itself (self-distillation: the only thing it gains is the constitution)."""
-    if params.copsd.teacher == "original":
-        return resolve(base, "teacher")
-    if params.copsd.teacher == "self":
-        return resolve(base, "student_init")
-    path = cross / "teacher"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} missing: run the cross_sft stage first with distill.method: copsd "
-                                "(dvc repro cross_sft), or set copsd.teacher: original for the baseline without Cross-SFT")
-    return path
-
-
-def outcome_judge(params: Params, tok: Any) -> Callable[[Any], float]:
-    """COPSD's outcome reward of one sampled response (``copsd.outcome_judge``) on the row's bare prompt."""
-    judge = load_judge(params.copsd.outcome_judge, load_detector(params.evaluate.refusal_detector),
-                       params.data.answer_format)
-    return lambda example, response: float(judge(example.row, tok.decode(response, skip_special_tokens=True)))
 
 
 def router(routing: str, names: list[str], noise: float = 0.0, seed: int = 0) -> Callable[[Row], str]:
     """Which teacher scores a row: ``default`` (single), or the row's ``teacher`` field (by_row), except
     for a ``noise`` fraction of rows, drawn from a hash of (seed, row id), sent to another teacher."""
     if routing != "by_row":
-        return lambda r: "default"
+        return lambda r: DEFAULT_TEACHER
 
     def route(r: Row) -> str:
-        own = r.teacher or "default"
+        own = r.teacher or DEFAULT_TEACHER
         h = int(hashlib.md5(f"{seed}:{r.id}".encode()).hexdigest(), 16)
         others = [n for n in names if n != own]
         if noise and others and (h % 10**6) / 10**6 < noise:
@@ -213,40 +195,27 @@ def router(routing: str, names: list[str], noise: float = 0.0, seed: int = 0) ->
     return route
 
 
-def reliability_lookup(base: Path) -> Callable[[Any], float] | None:
-    """A sample's teacher reliability (``RELIABILITY``, measured in the teacher stage) for FiRe's filter
-    audit: its routed teacher's (``Example.teacher``) correctness on the row's task / category; NaN when
-    not measured."""
-    path = base / RELIABILITY
-    if not path.is_file():
-        return None
-    table = json.loads(path.read_text())
-
-    def of(example: Any) -> float:
-        rates = table.get("teacher" if example.teacher == "default" else f"teacher_{example.teacher}", {})
-        return float(rates.get(f"{example.row.task}/{example.row.category}", float("nan")))
-
-    return of
-
 
 def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: Path, ckpt_dir: Path,
                   log: Any = None, unit: Unit = inline,
                   sampler: Callable[[torch.nn.Module], RolloutBackend] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Distil the initial student from the teacher with ``distill.method``; save to ``out``.
-    ``unit`` wraps each unit of a sampled-token step (see :func:`opd.distill.opd_step`); ``sampler``
+    ``unit`` wraps each unit of a sampled-token step (see :func:`opd.methods.sampled.sampled_step`); ``sampler``
     replaces the configured rollout backend (a remote sampler, or a deterministic one in tests).
     Under several processes every rank calls this; only rank 0 writes."""
     rt = params.runtime
     d = params.distill
+    method = METHODS[d.method]
+    own = method.own(params)
     s_path = resolve(base, "student_init")
-    t_path = copsd_teacher(params, base, cross) if d.method == "copsd" else resolve(base, "teacher")
+    t_path = method.teacher_path(params, base, cross)
     tok = load_tokenizer(s_path, rt.trust_remote_code)
     acc = make_accelerator(rt)
     student = load_model(s_path, rt.trust_remote_code)
     if rt.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     frozen = dtype_of(rt.mixed_precision)
-    paths = {"default": t_path}
+    paths = {DEFAULT_TEACHER: t_path}
     if d.routing == "by_row":
         paths |= {n: resolve(base, f"teacher_{n}") for n in params.teachers}
     toks = {n: load_tokenizer(p, rt.trust_remote_code) for n, p in paths.items()}
@@ -256,14 +225,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     teachers = {n: _frozen(load_model(p, rt.trust_remote_code, frozen), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
     route = router(d.routing, sorted(paths), d.routing_noise, params.seed)
-    view = lambda r: r  # noqa: E731
-    if d.method == "copsd":  # the teacher reads the constitution, n samples per prompt
-        c = params.copsd
-        texts = constitutions_of(params, prepared)
-        view = lambda r: teacher_view(r, texts, c.constitution_role)  # noqa: E731
-        d = d.model_copy(update={"samples_per_prompt": c.n, "kl_coef": c.kl_coef, "lr": c.lr,
-                                 "prompts_per_step": c.prompts_per_step, "fkl_coef": c.fkl_coef, "fkl_beta": c.fkl_beta})
-    pool = PromptPool(rows, tok, toks, teacher_view=view, route=route)
+    pool = PromptPool(rows, tok, toks, teacher_view=method.teacher_view(params, prepared), route=route)
     pool.check_fits(context_of(student), {n: context_of(t) for n, t in teachers.items()}, params.rollout.max_new_tokens)
     template: dict[str, float] = {}  # the default teacher's keys as they are, a routed teacher's as "<name>.<key>"
     for name, teacher in teachers.items():
@@ -271,13 +233,13 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
         if not routed:
             continue
         gap = template_gap(teacher, toks[name], tok, routed, chunk=d.chunk_size)
-        template |= gap if name == "default" else {f"{name}.{k}": v for k, v in gap.items()}
+        template |= gap if name == DEFAULT_TEACHER else {f"{name}.{k}": v for k, v in gap.items()}
         if not gap["template_match"] and acc.is_main_process:
             warnings.warn(f"teacher {name!r} and the student have different chat templates: each reads prompts through "
                           f"its own; the teacher's mean log-prob of reference answers is "
                           f"{gap['teacher_logprob_own_template']} after its own template and "
                           f"{gap['teacher_logprob_student_template']} after the student's", stacklevel=1)
-    ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if d.kl_coef else None
+    ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if own.kl_coef else None
     sharded = acc.is_fsdp2
 
     def backend_of(m: torch.nn.Module, rcfg: Any = params.rollout) -> Any:
@@ -287,33 +249,17 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
             return VLLMBackend(m, acc, tok, rcfg, rt.trust_remote_code)
         return TransformersBackend(m, tok, rcfg, synced=sharded)
 
-    def factory(m: torch.nn.Module, optimize: Any) -> Any:
-        if d.method == "sft":
-            return sft_step(acc, m, pool, tok, d.prompts_per_step, d.grad_accum, d.chunk_size)
-        if d.method == "gkd":  # one temperature for GKD's sampling and its loss
-            rcfg = params.rollout.model_copy(update={"temperature": d.temperature})
-            return gkd_step(acc, m, teachers, pool, backend_of(m, rcfg), tok, d, rcfg)
-        common = {"ref_model": ref, "unit": unit}
-        if d.method == "copsd":
-            c = params.copsd
-            judge = (outcome_judge(params, tok) if c.outcome_tasks else None)
-            common |= {"shape": copsd_shaping(c.reward_low, c.reward_high, c.credit, judge, c.outcome_tasks),
-                       "need_entropy": True}
-        elif d.method == "fire":
-            f = params.fire
-            common |= {"shape": fire_shaping(acc, f, reliability_lookup(base)),
-                       "need_entropy": f.reweight or f.token_select}
-        return opd_step(acc, m, teachers, pool, backend_of(m), tok, d, params.rollout, optimize, **common)
-
-    settings = LoopSettings(steps=d.steps, lr=d.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,
+    ctx = Context(params, acc, teachers, pool, tok, backend_of, ref, unit, base)
+    settings = LoopSettings(steps=d.steps, lr=own.lr, warmup_steps=d.warmup_steps, max_grad_norm=d.max_grad_norm,
                             checkpoint_every=d.checkpoint_every, keep_checkpoints=d.keep_checkpoints,
                             resume=d.resume, seed=params.seed, log_every=d.log_every, label=f"distill ({d.method})",
-                            updates_per_step=d.ppo_epochs * d.mini_batches if d.method in ("opd", "fire", "copsd") else 1)
+                            updates_per_step=d.ppo_epochs * d.mini_batches if method.sampled else 1)
     read = [prepared / "train.jsonl", prepared / "tokenizer", s_path, *paths.values()]
     hashes = content_of(*read)
     fp = fingerprint_of(settings=to_flat_dict(params), **hashes)
     t0 = time.perf_counter()
-    model, history = train(acc, student, factory, settings, ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
+    model, history = train(acc, student, lambda m, optimize: method.step(ctx, m, optimize), settings,
+                           ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
                "processes": acc.num_processes, "template": template, "final": history[-1] if history else {}}
     root = Layout.here().root

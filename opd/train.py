@@ -6,7 +6,7 @@ module owns everything around it.
 
 Exact resume without data-loader state: each step reseeds every RNG from ``(seed, step)`` before it
 runs, identically on every process, so the GLOBAL batch a step draws (and any other shared random
-choice) agrees across ranks; :func:`opd.distill.shard` then hands each rank its slice and moves ranks
+choice) agrees across ranks; :func:`opd.batch.shard` then hands each rank its slice and moves ranks
 other than 0 onto their own stream for sampling. What a step does therefore depends only on the step
 number, the world size and the weights. A checkpoint therefore needs only model, optimiser and scheduler state (saved by
 ``accelerator.save_state`` into a temp folder renamed into place), and a run killed at any point

@@ -140,3 +140,15 @@ def test_recipes_are_overlays_of_existing_keys_that_merge_into_valid_settings(ov
     assert load(tmp_path / "params.yaml") == merged
     with pytest.raises(ConfigError, match=r"distill.stepz: not a setting of params.yaml"):
         merge_overlay(default, {"distill": {"stepz": 3}})
+
+
+def test_every_method_name_is_a_registered_method():
+    """``distill.method`` validates against ``MethodName``; ``distill_stage`` looks the name up in
+    ``opd.methods.METHODS``: the two lists are the same, and each method knows its own name."""
+    from typing import get_args
+
+    from opd.config import MethodName
+    from opd.methods import METHODS
+
+    assert set(METHODS) == set(get_args(MethodName))
+    assert all(m.name == name for name, m in METHODS.items())

@@ -86,7 +86,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def test_the_teacher_reads_the_constitution_inside_its_template_and_the_student_never_does(template, role):
     import copy
 
-    from opd.distill import PromptPool
+    from opd.batch import PromptPool
     from opd.world import train_tokenizer
 
     r = row(1, task="safety", category="privacy", reference="I can't help with that.")
@@ -202,7 +202,7 @@ def test_mixed_batch_routes_each_prompt_group_to_its_path():
     from types import SimpleNamespace
 
     from opd.copsd import response_means, sequence_advantages
-    from opd.distill import copsd_shaping
+    from opd.methods.copsd import copsd_shaping
 
     g = torch.Generator().manual_seed(0)
     n, t = 3, 5

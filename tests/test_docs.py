@@ -60,3 +60,22 @@ def test_nothing_points_outside_the_repository():
 
 def test_the_readme_is_short():
     assert len((REPO / "README.md").read_text().splitlines()) < 300
+
+
+def test_the_add_a_method_example_runs():
+    """docs/methods.md's example method is real code: it defines a method whose shaping clips the
+    reverse-KL advantage."""
+    from types import SimpleNamespace
+
+    import torch
+
+    code = re.search(r"```python\n(.*?)```", (REPO / "docs" / "methods.md").read_text(), re.S).group(1)
+    space: dict = {}
+    exec(compile(code, "docs/methods.md", "exec"), space)  # noqa: S102  (the repo's own docs)
+    method = space["Clipped"]()
+    shape, need_entropy = method.shaping(None)
+    mask = torch.ones(2, 3)
+    ro = SimpleNamespace(old_logprobs=torch.zeros(2, 3))
+    shaped = shape(ro, [], torch.tensor([[-5.0, 1.0, 4.0], [0.5, -2.0, 9.0]]), mask, None)
+    assert method.name == "clipped" and not need_entropy
+    assert torch.equal(shaped.adv, torch.tensor([[-3.0, 1.0, 3.0], [0.5, -2.0, 3.0]]))

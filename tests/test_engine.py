@@ -272,7 +272,8 @@ def test_pruning_keeps_the_chosen_layers_and_all_layers_give_the_same_logits(wor
 
 def test_teacher_is_scored_at_the_rollout_temperature(world):
     """Both references score the teacher at the sampling temperature: log_softmax(logits / T)."""
-    from opd.distill import Example, teacher_logprobs
+    from opd.batch import Example
+    from opd.methods.sampled import teacher_logprobs
 
     rows, tok = world
     teacher = build_llama(ARCH_T, tok, 1).double().eval()
@@ -322,7 +323,8 @@ def test_mass_covering_term_against_float64_full_logits(world, top_k, beta, chun
     scoring pass and the student's update pass equals opd/losses.py on full float64 logits (top-k: the
     teacher's top-k plus a tail bucket), chunked or not, with a gradient to the student only; the teacher
     sees its own prompt (a constitution), the positions still align."""
-    from opd.distill import Example, teacher_logprobs
+    from opd.batch import Example
+    from opd.methods.sampled import teacher_logprobs
     from opd.losses import divergence_logprobs, topk_with_tail
     from opd.scoring import policy_stats
 

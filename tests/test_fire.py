@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opd.config import ArchConfig, DistillConfig, FireConfig, RolloutConfig, WorldConfig
-from opd.distill import PromptPool, fire_shaping, opd_step, reverse_kl_advantage, teacher_logprobs
+from opd.batch import PromptPool
+from opd.methods.fire import fire_shaping
+from opd.methods.sampled import reverse_kl_advantage, sampled_step, teacher_logprobs
 from opd.fire import confidence_weights, filter_audit, fire_advantages, normalise_weights, trajectory_filter, trajectory_scores
 from opd.models import build_llama, load_tokenizer
 from opd.rollout import TransformersBackend
@@ -140,7 +142,7 @@ def grads_of_one_step(setup, shape_of, grad_accum, n_prompts=8):
     rcfg = RolloutConfig(max_new_tokens=8, batch_size=8)
     torch.manual_seed(0)
     shape, need = shape_of(acc)
-    step = opd_step(acc, student, {"default": teacher}, PromptPool(rows, tok), TransformersBackend(student, tok, rcfg),
+    step = sampled_step(acc, student, {"default": teacher}, PromptPool(rows, tok), TransformersBackend(student, tok, rcfg),
                     tok, cfg, rcfg, lambda loss: {}, shape=shape, need_entropy=need)  # keep the gradient: no update
     metrics = step(0)
     return metrics, torch.cat([p.grad.flatten() for p in student.parameters()])

@@ -223,7 +223,8 @@ def test_multi_teacher_stage_and_routed_fire(tmp_path):
 def test_nan_loss_stops_with_the_step_named(base, tmp_path):
     root, lay, _, _ = base
     params = load(root / "params.yaml")
-    from opd.distill import PromptPool, sft_step
+    from opd.batch import PromptPool
+    from opd.methods.sft import sft_step
     from opd.models import build_llama, load_tokenizer
     from opd.data import load_rows
 

@@ -83,7 +83,8 @@ def fsdp2(root: Path, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from opd.config import DistillConfig
-    from opd.distill import PromptPool, opd_step
+    from opd.batch import PromptPool
+    from opd.methods.sampled import sampled_step
     from opd.models import load_model, load_tokenizer
 
     lay = Layout(root)
@@ -99,7 +100,7 @@ def fsdp2(root: Path, out: Path) -> None:
     pool = PromptPool(load_rows(lay.prepared, "train"), tok)
     opt = torch.optim.AdamW(student.parameters(), lr=params.distill.lr, betas=(0.9, 0.98), weight_decay=0.0)
     d: DistillConfig = params.distill
-    step = opd_step(acc, student, {"default": teacher}, pool, Replay(len(tok), tok.eos_token_id), tok, d,
+    step = sampled_step(acc, student, {"default": teacher}, pool, Replay(len(tok), tok.eos_token_id), tok, d,
                     params.rollout, lambda loss: {})
     student.train()
     set_seed(params.seed * 1_000_003)  # what opd.train does before step 0
@@ -133,7 +134,8 @@ def resume(root: Path, out: Path) -> None:
 def nan(root: Path, out: Path) -> None:
     """Rank 1 reports a NaN loss (its gradient stays finite): without a global decision rank 0 would
     step on and wait forever for rank 1 at the next all-reduce."""
-    from opd.distill import PromptPool, sft_step
+    from opd.batch import PromptPool
+    from opd.methods.sft import sft_step
     from opd.models import load_model, load_tokenizer
     from opd.train import LoopSettings, NonFiniteLoss, make_accelerator, train
 

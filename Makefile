@@ -4,20 +4,40 @@ PY     := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run real test ui clean
+.PHONY: install run real test ui clean lock lock-check
 install: $(VENV)/.installed
 
-# uv does not read pip's config, so the machine's find-links (the CPU torch wheel) is passed on;
-# without one, plain pip resolves torch==2.13.0 as pip is configured on that machine.
-$(VENV)/.installed: pyproject.toml
+# The exact versions come from requirements.lock (the ranges are in pyproject.toml). uv does not read
+# pip's config, so the machine's find-links (the CPU torch wheel) is passed on; without one, plain pip
+# resolves torch==2.13.0 as pip is configured on that machine.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if [ -n "$$PIP_FIND_LINKS" ]; then \
 	  $(PY) -m pip install -q uv && \
-	  $(VENV)/bin/uv pip install -q --python $(PY) --find-links "$$PIP_FIND_LINKS" -e '.[test]'; \
+	  $(VENV)/bin/uv pip install -q --python $(PY) --find-links "$$PIP_FIND_LINKS" -c requirements.lock -e '.[pipeline,test]'; \
 	else \
-	  $(PY) -m pip install -q -e '.[test]'; \
+	  $(PY) -m pip install -q -c requirements.lock -e '.[pipeline,test]'; \
 	fi
 	touch $@
+
+# requirements.lock: pyproject.toml's ranges resolved for Python 3.11, keeping the locked versions where
+# they still fit (uv reads the output file as preferences, given the CPU torch wheel's +cpu label where
+# find-links has it); written without the label, so the lock also installs where torch comes from
+# another index. `make lock-check` fails when pyproject.toml changed and the lock was not regenerated;
+# it also resolves the ranges for Python 3.12 and 3.13.
+LOCK_CMD = uv pip compile pyproject.toml --extra pipeline --extra test --python-platform x86_64-manylinux_2_28 \
+           $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -q --no-header
+CPU_LABEL = $(if $(PIP_FIND_LINKS),sed 's/^torch==\(.*\)$$/torch==\1+cpu/',cat)
+lock: install
+	$(CPU_LABEL) requirements.lock > $(VENV)/lock.tmp
+	$(LOCK_CMD) --python-version 3.11 -o $(VENV)/lock.tmp
+	sed 's/^torch==\(.*\)+cpu$$/torch==\1/' $(VENV)/lock.tmp > requirements.lock
+lock-check: install
+	$(CPU_LABEL) requirements.lock > $(VENV)/lock.tmp
+	$(LOCK_CMD) --python-version 3.11 -o $(VENV)/lock.tmp
+	sed 's/^torch==\(.*\)+cpu$$/torch==\1/' $(VENV)/lock.tmp | diff -u requirements.lock - \
+	  || (echo "requirements.lock does not match pyproject.toml: run make lock" >&2; exit 1)
+	for v in 3.12 3.13; do $(LOCK_CMD) --python-version $$v -o $(VENV)/lock-$$v.tmp || exit 1; done
 
 # one MLflow parent run and one local Prefect API server per `make run` (the stages of its dvc repro share both)
 run: install

@@ -29,15 +29,22 @@ LOCK_CMD = uv pip compile pyproject.toml --extra pipeline --extra test --python-
            $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -q --no-header
 CPU_LABEL = $(if $(PIP_FIND_LINKS),sed 's/^torch==\(.*\)$$/torch==\1+cpu/',cat)
 lock: install
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
 	$(CPU_LABEL) requirements.lock > $(VENV)/lock.tmp
 	$(LOCK_CMD) --python-version 3.11 -o $(VENV)/lock.tmp
 	sed 's/^torch==\(.*\)+cpu$$/torch==\1/' $(VENV)/lock.tmp > requirements.lock
 lock-check: install
-	$(CPU_LABEL) requirements.lock > $(VENV)/lock.tmp
-	$(LOCK_CMD) --python-version 3.11 -o $(VENV)/lock.tmp
-	sed 's/^torch==\(.*\)+cpu$$/torch==\1/' $(VENV)/lock.tmp | diff -u requirements.lock - \
-	  || (echo "requirements.lock does not match pyproject.toml: run make lock" >&2; exit 1)
-	for v in 3.12 3.13; do $(LOCK_CMD) --python-version $$v -o $(VENV)/lock-$$v.tmp || exit 1; done
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
+	@if [ -z "$$PIP_FIND_LINKS" ]; then \
+	  echo "lock-check compares against the CPU torch wheel of PIP_FIND_LINKS, which is not set: not checked" >&2; \
+	else \
+	  $(CPU_LABEL) requirements.lock > $(VENV)/lock.tmp && \
+	  $(LOCK_CMD) --python-version 3.11 -o $(VENV)/lock.tmp && \
+	  { sed 's/^torch==\(.*\)+cpu$$/torch==\1/' $(VENV)/lock.tmp | diff -u requirements.lock - \
+	    || { echo "requirements.lock does not match pyproject.toml: run make lock" >&2; exit 1; }; } && \
+	  for v in 3.12 3.13; do $(LOCK_CMD) --python-version $$v -o $(VENV)/lock-$$v.tmp || exit 1; done && \
+	  echo "requirements.lock matches pyproject.toml; the ranges resolve for Python 3.11, 3.12 and 3.13"; \
+	fi
 
 # one MLflow parent run and one local Prefect API server per `make run` (the stages of its dvc repro share both)
 run: install

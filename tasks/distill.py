@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from opd import __version__
 from opd.config import Params
-from opd.distill import inline
+from opd.methods.base import inline
 from opd.paths import Layout
 from opd.stages import distill_stage
 from tasks.outputs import plot_curves, write_metrics, write_steps

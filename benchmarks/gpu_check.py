@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import tasks  # noqa: F401  (environment)
     from opd import stages
-    from opd.config import load
+    from opd.params import load
     from opd.paths import Layout
 
     lay = Layout(Path(args.project).resolve())

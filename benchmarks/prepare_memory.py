@@ -37,7 +37,7 @@ sys.exit(code)
 def make_file(path: Path, megabytes: float) -> int:
     """Embedded-world rows with unique ids and prompts, 10% of them in the eval split."""
     import tasks  # noqa: F401  (environment)
-    from opd.config import load
+    from opd.params import load
     from opd.data import rows_to_records
     from opd.world import build_world
 

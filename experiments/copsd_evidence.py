@@ -57,7 +57,7 @@ import tasks  # noqa: E402,F401  (environment)
 import torch  # noqa: E402
 
 from experiments.common import RESULTS, T975, quiet  # noqa: E402  (one worker set-up, one t table)
-from opd.config import load  # noqa: E402
+from opd.params import load  # noqa: E402
 from opd.constitution import wrap  # noqa: E402
 from opd.cross_sft import cross_sft_stage  # noqa: E402
 from opd.evaluate import evaluate_model, load_detector, safety_tax  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from experiments.common import RESULTS  # noqa: E402
 
 import tasks  # noqa: E402,F401  (environment)
-from opd.config import load  # noqa: E402
+from opd.params import load  # noqa: E402
 from opd.paths import Layout  # noqa: E402
 from opd.stages import distill_stage, evaluate_stage, teacher_stage  # noqa: E402
 from opd.paths import resolve

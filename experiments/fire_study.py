@@ -68,7 +68,7 @@ def build_teacher(level: str, work: str, steps_override: dict[str, Any]) -> dict
     """The level's teacher (and, at level 0, the shared initial student) in ``work/base-<level>``."""
     quiet()
     import tasks  # noqa: F401  (environment)
-    from opd.config import load
+    from opd.params import load
     from opd.paths import Layout
     from opd.paths import RELIABILITY
     from opd.stages import teacher_stage
@@ -93,7 +93,7 @@ def run_one(level: str, method: str, seed: int, lr: float, steps: int, work: str
     """Distil the shared initial student from the level's teacher; evaluate on held-out reasoning."""
     quiet()
     import tasks  # noqa: F401
-    from opd.config import load
+    from opd.params import load
     from opd.evaluate import load_detector, reliability
     from opd.models import load_model, load_tokenizer
     from opd.paths import Layout

@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.common import RESULTS  # noqa: E402
 
-from opd.config import EvaluateConfig, load  # noqa: E402
+from opd.config import EvaluateConfig  # noqa: E402
+from opd.params import load  # noqa: E402
 from opd.copsd import token_rewards  # noqa: E402
 from opd.constitution import wrap
 from opd.evaluate import generate, load_detector  # noqa: E402

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import tasks  # noqa: E402,F401  (environment)
-from opd.config import load  # noqa: E402
+from opd.params import load  # noqa: E402
 from opd.constitution import wrap  # noqa: E402
 from opd.data import write_json  # noqa: E402
 from opd.evaluate import evaluate_model, load_detector  # noqa: E402

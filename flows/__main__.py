@@ -19,7 +19,9 @@ import os
 import sys
 from typing import Any
 
-from opd.config import ConfigError, load_overlay, redact, yaml_load
+from opd.config import ConfigError, redact
+
+from opd.params import load_overlay, yaml_load
 from tasks.stage_lock import StageLocked
 from tasks.tracking import TrackingUnavailable
 
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from flows.launch import DISTRIBUTED_STAGES, in_launch, rank, relaunch, worker
         from opd.allocator import preload_env
-        from opd.config import load
+        from opd.params import load
 
         params = load(args.params, overrides or None)
         if argv is None and args.stage in MODEL_STAGES:  # the real command line, not a call from Python

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from opd import __version__
-from opd.config import load
+from opd.params import load
 from tasks.evaluate import evaluate_models
 from tasks.tracking import stage_run
 

@@ -16,7 +16,7 @@ from flows.prepare import prepare_flow
 from flows.register import register_flow
 from flows.teacher import teacher_flow
 from opd import __version__
-from opd.config import load
+from opd.params import load
 from tasks.tracking import PARENT_ENV, configure, pipeline_key, start_pipeline_run
 
 

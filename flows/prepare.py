@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from opd import __version__
-from opd.config import load
+from opd.params import load
 from opd.paths import Layout
 from tasks.prepare import log_prepared, validate, write_prepared
 from tasks.tracking import stage_run

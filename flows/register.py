@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow
 
 from opd import __version__
-from opd.config import load
+from opd.params import load
 from opd.paths import Layout
 from opd.data import write_json
 from tasks.register import promote, register_challenger

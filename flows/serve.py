@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 
 from flows.pipeline import opd_pipeline
-from opd.config import ConfigError, load
+from opd.config import ConfigError
+from opd.params import load
 
 
 def serve(params_path: str | None = None) -> None:

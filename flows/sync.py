@@ -19,7 +19,7 @@ from prefect import flow
 
 from flows import evaluate, register
 from opd import __version__
-from opd.config import load
+from opd.params import load
 from opd.data import digest
 from opd.paths import Layout
 from tasks.evaluate import restore_evaluation

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from opd import __version__
-from opd.config import Params, to_flat_dict
+from opd.config import Params
+from opd.params import to_flat_dict
 
 # The params sections the card lists per method: only sections the distill stage depends on (dvc.yaml),
 # so the card cannot go stale while DVC thinks the student is up to date.

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from opd.answers import extract_answer, replace_answer
-from opd.config import InitConfig, ModelConfig, Params, SFTConfig, to_flat_dict
+from opd.config import InitConfig, ModelConfig, Params, SFTConfig
+from opd.params import to_flat_dict
 from opd.constitution import constitutions_of
 from opd.data import Row, atomic_dir, atomic_write_text, content_of, load_rows, write_json
 from opd.batch import DEFAULT_TEACHER, PromptPool

@@ -34,7 +34,8 @@ from prefect import task
 
 from opd import __version__
 from opd.allocator import in_effect
-from opd.config import Params, redact, to_flat_dict
+from opd.config import Params, redact
+from opd.params import to_flat_dict
 from opd.data import COLUMNS, REQUIRED, digest
 from opd.paths import Layout
 from tasks import env

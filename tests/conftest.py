@@ -53,7 +53,7 @@ def committed_params(name: str = "params.yaml") -> dict[str, Any]:
 def recipe_params(overlay: str) -> dict[str, Any]:
     """A recipe (``params.qwen.yaml``, an overlay) merged onto the committed params.yaml, as
     ``python -m flows merge-params`` merges them for ``make real``."""
-    from opd.config import merge_overlay
+    from opd.params import merge_overlay
 
     return merge_overlay(committed_params(), committed_params(overlay))
 

@@ -3,7 +3,8 @@
 import pytest
 
 from opd.answers import check_answer, extract_answer, normalise
-from opd.config import ConfigError, parse
+from opd.config import ConfigError
+from opd.params import parse
 
 
 @pytest.mark.parametrize("text, want", [

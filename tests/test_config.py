@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.config import ConfigError, load, parse, to_flat_dict
+from opd.config import ConfigError
+
+from opd.params import load, parse, to_flat_dict
 from tests.conftest import REPO, committed_params, recipe_params, tiny
 
 
@@ -82,7 +84,7 @@ def test_every_override_the_docs_show_is_accepted():
     import re
 
     from flows.__main__ import main
-    from opd.config import load, yaml_load
+    from opd.params import load, yaml_load
 
     root = Path(__file__).resolve().parent.parent
     texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
@@ -100,7 +102,7 @@ def test_every_override_the_docs_show_is_accepted():
 def test_a_params_file_reads_exponents_without_a_dot(tmp_path):
     import yaml
 
-    from opd.config import load
+    from opd.params import load
 
     raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
     text = yaml.safe_dump(raw).replace("lr:", "lr: 5e-4 #", 1)
@@ -120,7 +122,7 @@ def test_recipes_are_overlays_of_existing_keys_that_merge_into_valid_settings(ov
     """A recipe holds only what differs from params.yaml; every key it names exists there (merging
     checks it, naming a misspelt one), and the merged file is what ``make real`` writes."""
     from flows.__main__ import main
-    from opd.config import load, merge_overlay
+    from opd.params import load, merge_overlay
 
     over = committed_params(overlay)
     merged = parse(recipe_params(overlay))

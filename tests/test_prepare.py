@@ -145,7 +145,7 @@ DATA = Path(__file__).parent / "data"
     ("zero_width_leak.jsonl", "expect_column_values_to_be_in_set(column=prompt_not_in_other_split)", ["r1", "r2", "r3"]),
 ])
 def test_bad_user_data_is_stopped_with_the_rule_and_the_rows(name, rule, bad_ids):
-    from opd.config import parse
+    from opd.params import parse
     from opd.data import read_jsonl
     from opd.models import control_tokens
     from tasks.validate import validate_records
@@ -170,7 +170,7 @@ def test_a_table_without_eval_rows_is_stopped_at_prepare():
 def test_rows_naming_undefined_teachers_are_said_to_be_ignored_under_single_routing():
     """The embedded world names a teacher per row as a routing hint; under the default (single)
     routing the column is not used: prepare says once that it is ignored, naming the names."""
-    from opd.config import parse
+    from opd.params import parse
     from opd.data import read_jsonl
     from tasks.prepare import ignored_teachers
     from tasks.validate import validate_records
@@ -230,7 +230,7 @@ def test_validating_in_chunks_reports_what_one_batch_reports(name):
     """Prepare validates a large file chunk by chunk (memory does not grow with the file); the
     report, counts and example ids included, is the one a single GX batch of the whole table gives,
     also when duplicates, leaks and bad rows fall in different chunks (chunks of 2 rows)."""
-    from opd.config import parse
+    from opd.params import parse
     from opd.data import iter_jsonl
     from opd.models import control_tokens
     from tasks.validate import validate_records

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd.config import load
+from opd.params import load
 from opd.paths import resolve
 from tests.conftest import REPO
 from tests.test_stages import tiny_project

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from opd.config import load
+from opd.params import load
 from opd.evaluate import eval_rows, greedy_outcomes
 from opd.models import load_model, load_tokenizer, save_model
 from opd.real_data import write

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from opd.config import load
+from opd.params import load
 from opd.data import rows_to_records
 from opd.paths import Layout
 from opd.cross_sft import cross_sft_stage
@@ -252,7 +252,7 @@ RUN = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import torch
     from pathlib import Path
-    from opd.config import load
+    from opd.params import load
     from opd.stages import distill_stage
     root, out, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     params = load(root / "params.yaml", {{"distill.steps": 6, "distill.checkpoint_every": 2, "distill.log_every": 1}})

@@ -71,7 +71,7 @@ def test_stage_run_retries_a_transient_tracking_failure(prefect_api, project, mo
     """The tracking-server calls that open a stage run are a Prefect task with retries."""
     from prefect import flow
 
-    from opd.config import load
+    from opd.params import load
     from tasks.tracking import stage_run
 
     real, calls = MlflowClient.create_run, []
@@ -99,7 +99,7 @@ def test_promote_moves_champion_only_when_the_gate_passes(prefect_api, project):
     from flows.promote import promote_flow
     from tasks.tracking import configure
 
-    from opd.config import load
+    from opd.params import load
 
     configure(load(project / "params.yaml"))
     client, name = MlflowClient(), "opd-student"
@@ -244,7 +244,7 @@ def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefe
     from flows.pipeline import opd_pipeline
     from tasks.tracking import configure
 
-    from opd.config import load
+    from opd.params import load
 
     def broken(*args, **kwargs):  # the evaluation fails (e.g. a user's refusal detector raising)
         raise RuntimeError("refusal_detector crashed")
@@ -518,7 +518,7 @@ def test_one_pipeline_key_for_every_stage_of_a_plain_dvc_repro(project, monkeypa
     """Without OPD_PIPELINE_KEY the stages of one ``dvc repro`` share a parent run: the outputs the
     stages write (dvc.lock, metrics, plots) change neither the key nor ``git.dirty``; a source
     change does, and a DVC experiment is keyed by its name."""
-    from opd.config import load
+    from opd.params import load
     from tasks.tracking import git_tags, pipeline_key
 
     monkeypatch.delenv("OPD_PIPELINE_KEY", raising=False)

@@ -65,7 +65,7 @@ def test_the_users_data_and_constitutions_are_hashed_for_dvc(tmp_path):
     data/user_inputs.json (a DVC dependency), so editing the data in place makes prepare stale."""
     import json
 
-    from opd.config import load
+    from opd.params import load
     from opd.inputs import user_inputs
 
     data, consts = tmp_path / "rows.jsonl", tmp_path / "constitutions.json"

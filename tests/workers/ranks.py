@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import tasks  # noqa: E402,F401  (environment)
 from opd import stages  # noqa: E402
-from opd.config import load  # noqa: E402
+from opd.params import load  # noqa: E402
 from opd.data import load_rows  # noqa: E402
 from opd.paths import Layout, resolve  # noqa: E402
 

@@ -204,7 +204,8 @@ def validate_records(records: Iterable[dict[str, Any]] | Callable[[], Iterable[d
         success = False
         lines.append(f"  no eval rows: none of the {facts.rows} rows has split 'eval' (evaluation needs held-out rows)")
     summary = (f"{name}: {facts.rows} rows passed {len(doc['results'])} expectations" if success
-               else f"{name}: validation failed ({len(lines)} checks)\n" + "\n".join(lines))
+               else f"{name}: validation failed: {lines[0].strip()}" if len(lines) == 1  # the reason on the first line
+               else f"{name}: validation failed ({len(lines)} checks): {lines[0].strip()}\n" + "\n".join(lines[1:]))
     # GX stamps the batch with its load time; dropped so the same records give the same report, and a
     # no-op rerun of prepare leaves its output byte-identical (DVC then retrains nothing downstream)
     doc.get("meta", {}).get("batch_markers", {}).pop("ge_load_time", None)

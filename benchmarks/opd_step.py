@@ -342,6 +342,14 @@ def main() -> None:
         print(f"{side:21s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
               f"{s['s_per_step']:6.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {s['step_rss_mb']:10.0f} | "
               f"{ratio}")
+    # round by round: each engine side against each TRL side of its precision, in the same round
+    paired: dict[str, dict[str, float]] = {}
+    print("\npaired ratios, engine / TRL tokens/s in the same round (median [min, max] over rounds):")
+    for e in (k for k in runs if k.startswith("engine-")):
+        for t in (k for k in runs if k.startswith("trl-") and ("-bf16" in k) == ("-bf16" in e)):
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[e], runs[t], strict=True)]
+            paired[f"{e} / {t}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            print(f"  {e} / {t}: {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]")
     for side, rs in runs.items():  # where an engine step's time goes (opd: its four units)
         per = {k: statistics.median(x["units"][k] for x in rs) for k in rs[0].get("units", {})}
         if per:
@@ -355,7 +363,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rounds": args.rounds,
                                "steps": args.steps, "batch": BATCH, "new_tokens": NEW_TOKENS, "real": REAL or None,
-                               "summary": summary, "runs": runs, "loss_check": check},
+                               "summary": summary, "paired": paired, "runs": runs, "loss_check": check},
                               indent=2) + "\n")
 
 

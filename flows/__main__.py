@@ -61,13 +61,14 @@ def summary_line(stage: str, result: Any, width: int = 600) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
-    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "import-model", "real-data", "merge-params", "user-inputs",
+    ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "deploy", "import-model", "real-data", "merge-params", "user-inputs",
                                                         "with-api"])
     ap.add_argument("paths", nargs="*", metavar="SRC DEST",
                     help="import-model: a .gguf file or an installed package that ships one, and the folder to write; "
                          "real-data: the folder to write")
     ap.add_argument("--harmbench", default=None, help="real-data: a HarmBench behaviours CSV (default: the installed package's)")
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
+    ap.add_argument("--source", default=None, help="deploy: where workers fetch the code (default: this folder; a git URL)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     overrides = {}
@@ -146,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             from opd.paths import Layout
 
             write_json(Layout.here().root / "data" / "user_inputs.json", user_inputs(params))
+            return 0
+        if args.stage == "deploy":  # a deployment on a work pool of the user's Prefect server
+            from flows.deploy import deploy
+
+            print(f"deployment {deploy(args.params, overrides or None, args.source)} on work pool "
+                  f"{params.schedule.work_pool!r}: run it with `prefect worker start --pool {params.schedule.work_pool}`")
             return 0
         if args.stage == "serve":  # a long-running deployment on the user's Prefect server (schedules need one)
             from flows.serve import serve

@@ -336,10 +336,12 @@ class PromoteConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """``python -m flows serve``: a deployment of opd_pipeline on this cron schedule."""
+    """A deployment of opd_pipeline on this cron schedule: served by one process (``python -m flows
+    serve``) or placed on a Prefect work pool (``python -m flows deploy``) whose workers run it."""
 
     deployment: str = "opd-nightly"
     cron: str = "0 3 * * *"
+    work_pool: str = "opd"  # python -m flows deploy: a `process` pool, created when missing
 
     @model_validator(mode="after")
     def _cron_fields(self) -> ScheduleConfig:

@@ -1,4 +1,4 @@
-"""`python -m flows serve` against a real local Prefect server: deployment, schedule, a triggered run."""
+"""`python -m flows serve` and `deploy` against a real local Prefect server: deployments, schedule, a triggered run."""
 
 from __future__ import annotations
 
@@ -60,6 +60,25 @@ def test_serve_registers_a_scheduled_deployment_and_runs_it(tmp_path):
             final = asyncio.run(check())
         assert final == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
         assert (tmp_path / "metrics" / "registry.json").is_file()  # the served run did the whole pipeline
+
+        # the same pipeline placed on a work pool (created as a process pool), with the settings a worker
+        # elsewhere needs: the params file and the --set overrides travel as the deployment's parameters
+        r = subprocess.run([sys.executable, "-m", "flows", "deploy", "--set", "schedule.deployment=opd-pool",
+                            "--set", "schedule.work_pool=opd-test", "--set", "distill.steps=3"], cwd=REPO,
+                           env={**env, "PREFECT_API_URL": api}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "prefect worker start --pool opd-test" in r.stdout, r.stderr[-3000:]
+
+        async def deployed() -> tuple[object, str]:
+            async with get_client() as client:
+                return (await client.read_deployment_by_name("opd_pipeline/opd-pool"),
+                        (await client.read_work_pool("opd-test")).type)
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            dep, pool_type = asyncio.run(deployed())
+        assert pool_type == "process" and dep.work_pool_name == "opd-test"
+        assert dep.entrypoint == "flows/pipeline.py:opd_pipeline" and [s.schedule.cron for s in dep.schedules] == ["15 4 * * *"]
+        assert dep.parameters["overrides"]["distill.steps"] == 3
+        assert dep.global_concurrency_limit and dep.global_concurrency_limit.limit == 1
     finally:
         for proc in (serve, server):
             if proc is not None and proc.poll() is None:

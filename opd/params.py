@@ -26,7 +26,8 @@ def _format_error(err: ValidationError, source: str, overridden: frozenset[str] 
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {key}: {msg}")
-    return redact("\n".join(lines))
+    lines[0] += f": {lines[1].strip()}"  # the first reason on the first line; any others below it
+    return redact("\n".join(lines[:1] + lines[2:]))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -36,7 +36,8 @@ def test_bad_values_name_the_key(raw, key, words):
     with pytest.raises(ConfigError) as e:
         parse(raw)
     msg = str(e.value)
-    assert f"  {key}" in msg and words in msg, msg
+    first = msg.splitlines()[0]  # one error: the key and the reason on the first line
+    assert first.startswith(f"params: invalid settings: {key}") and words in first, msg
 
 
 def test_overrides_are_validated(tmp_path: Path):

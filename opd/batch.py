@@ -17,10 +17,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase
 
+from opd.config import DEFAULT_TEACHER
 from opd.data import Row
 from opd.tokens import response_ids, row_prompt_ids
 
-DEFAULT_TEACHER = "default"
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,15 @@ def shard(acc: Accelerator, items: Sequence[Any]) -> list[Any]:
     the loop seeds every rank alike; what is drawn after it (sampling) must differ, so ranks other
     than 0 reseed. Rank 0 keeps the shared stream, so a one-process run draws exactly what it always did.
     """
-    n, world, rank = len(items), acc.num_processes, acc.process_index
-    if world == 1:
+    n, procs, rank = len(items), acc.num_processes, acc.process_index
+    if procs == 1:
         return list(items)
-    if n % world:
-        raise ValueError(f"the global batch of {n} prompts does not split over {world} processes: set "
-                         f"distill.prompts_per_step (copsd.prompts_per_step for copsd) to a multiple of {world}")
+    if n % procs:
+        raise ValueError(f"the global batch of {n} prompts does not split over {procs} processes: set "
+                         f"distill.prompts_per_step (copsd.prompts_per_step for copsd) to a multiple of {procs}")
     if rank:
         set_seed(torch.initial_seed() + 7919 * rank)
-    return list(items[rank * n // world:(rank + 1) * n // world])
+    return list(items[rank * n // procs:(rank + 1) * n // procs])
 
 
 def global_count(acc: Accelerator, mask: torch.Tensor) -> torch.Tensor:

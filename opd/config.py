@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 Task = Literal["reasoning", "safety", "borderline", "general"]  # what a data row asks of the model
 TASKS: tuple[str, ...] = get_args(Task)
 MethodName = Literal["opd", "gkd", "sft", "fire", "copsd"]  # the keys of opd.methods.METHODS (a test checks)
+DEFAULT_TEACHER = "default"  # the name rows without a `teacher` are routed to (`teacher:`); not a name in `teachers:`
 CATEGORY_PATTERN = r"^[a-z][a-z0-9_]*$"  # a row's harm category: a lowercase label naming its constitution
 
 
@@ -375,7 +376,7 @@ class Params(_Section):
     def _routing_needs_teachers(self) -> Params:
         if self.distill.routing == "by_row" and not self.teachers:
             raise ValueError("distill.routing: by_row needs named teachers under `teachers:`")
-        bad = sorted(n for n in self.teachers if n == "default" or not n.isidentifier())
+        bad = sorted(n for n in self.teachers if n == DEFAULT_TEACHER or not n.isidentifier())
         if bad:
             raise ValueError(f"teachers: invalid teacher names {bad} (identifiers, not 'default')")
         if self.teacher.init or any(t.init for t in self.teachers.values()):

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from opd.answers import extract_answer, replace_answer
-from opd.config import InitConfig, ModelConfig, Params, SFTConfig
+from opd.config import DEFAULT_TEACHER, InitConfig, ModelConfig, Params, SFTConfig
 from opd.params import to_flat_dict
 from opd.constitution import constitutions_of
 from opd.data import Row, atomic_dir, atomic_write_text, content_of, load_rows, write_json
-from opd.batch import DEFAULT_TEACHER, PromptPool
+from opd.batch import PromptPool
 from opd.methods import METHODS
 from opd.methods.base import Context, Unit, inline
 from opd.methods.sft import sft_step

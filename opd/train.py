@@ -75,12 +75,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(world_size: int) -> int:
+def default_threads(processes: int) -> int:
     """``runtime.threads: 0``: the process's cores shared evenly by the processes of one launch."""
-    return max(1, available_cores() // max(1, world_size))
+    return max(1, available_cores() // max(1, processes))
 
 
-def world_size() -> int:
+def process_count() -> int:
     """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE), before any Accelerator."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
@@ -88,7 +88,7 @@ def world_size() -> int:
 def make_accelerator(runtime: RuntimeConfig) -> Accelerator:
     """One process here, or one rank of a ``torchrun`` / ``accelerate launch`` (DDP over gloo on CPU,
     NCCL on GPUs; FSDP2 with ``runtime.strategy: fsdp2`` on GPUs)."""
-    torch.set_num_threads(runtime.threads or default_threads(world_size()))
+    torch.set_num_threads(runtime.threads or default_threads(process_count()))
     use_allocator(runtime.allocator)
     cpu = runtime.device == "cpu" or (runtime.device == "auto" and not torch.cuda.is_available())
     precision = "no" if runtime.mixed_precision == "fp32" else runtime.mixed_precision

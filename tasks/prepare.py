@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from transformers import PreTrainedTokenizerBase
 
 from opd import __version__
-from opd.config import Params
+from opd.config import DEFAULT_TEACHER, Params
 from opd.models import control_tokens, load_tokenizer, tokenizer_source
 from opd.data import atomic_dir, atomic_write_text, chunked, iter_user_records, records_to_rows, rows_to_records
 from opd.world import build_world, train_tokenizer
@@ -40,7 +40,7 @@ def validate(params: Params) -> dict[str, Any]:
     it passes or not."""
     by_row = params.distill.routing == "by_row"
     report = validate_records(lambda: records_of(params), params.data, control_tokens=control_tokens(params),
-                              teacher_names=["default", *params.teachers] if by_row else None)
+                              teacher_names=[DEFAULT_TEACHER, *params.teachers] if by_row else None)
     ignored = ignored_teachers(report.teachers, params)
     if ignored:
         get_run_logger().warning(ignored)
@@ -56,7 +56,7 @@ def ignored_teachers(named: dict[str, int], params: Params) -> str | None:
     """Under single routing, what to say (once) when rows name teachers that ``teachers:`` does not
     define: the column is ignored, not routed (under by_row such rows fail the suite instead). The
     embedded world's rows carry routing hints for its multi-teacher recipes: nothing to say there."""
-    unknown = sorted(set(named) - {"default", *params.teachers})
+    unknown = sorted(set(named) - {DEFAULT_TEACHER, *params.teachers})
     if not unknown or params.distill.routing == "by_row" or params.data.source == "embedded":
         return None
     return (f"{sum(named[n] for n in unknown)} rows name teachers that `teachers:` does not define "

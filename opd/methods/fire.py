@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from opd.batch import DEFAULT_TEACHER, Example
-from opd.config import FireConfig
+from opd.batch import Example
+from opd.config import DEFAULT_TEACHER, FireConfig
 from opd.fire import filter_audit, fire_advantages
 from opd.losses import masked_mean
 from opd.methods.base import Context

@@ -140,7 +140,7 @@ def main() -> None:
         if name in runs:
             continue
         # each run in a process of its own: a 0.5B student with its AdamW state is ~8 GB, and a process
-        # that keeps freed memory (runtime.keep_freed_memory) would not give it back between runs
+        # that keeps freed memory (runtime.allocator) would not give it back between runs
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             metrics, gens, secs, curve = pool.submit(run_one, name, str(root), common, str(work)).result()
         save(name, metrics, gens, seconds=secs, curve=curve)

@@ -17,9 +17,10 @@ from opd.config import Params
 from opd.data import digest
 from opd.model_card import with_evaluation
 from opd.models import load_model, load_tokenizer
+from opd.paths import Layout
 from opd.promotion import gate
 from opd.rollout import stop_ids
-from tasks.tracking import git_tags
+from tasks.tracking import dvc_remote, git_tags
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 STUDENT_MD5 = "opd.student_md5"  # the version tag naming the exact student: its folder's DVC md5 (as in dvc.lock)
@@ -78,7 +79,9 @@ def register_challenger(params: Params, student: Path, evaluation: dict[str, dic
         uri = log_student_model(student, params, card, metrics)
         tags = {f"eval.{k}": f"{v:.6f}" for k, v in metrics.items()} | {
             "opd.version": __version__, "opd.method": params.distill.method,
-            "opd.source_run": run.info.run_id if run else "", STUDENT_MD5: md5}
+            "opd.source_run": run.info.run_id if run else "", STUDENT_MD5: md5,
+            # where `dvc pull` finds that md5 from any clone (none: the outputs live in this clone's cache only)
+            "opd.dvc_remote": dvc_remote(Layout.here().root) or "none"}
         registered = mlflow.register_model(uri, name, tags=tags)
         version = str(registered.version)
         MlflowClient().update_model_version(name, version, description=card)

@@ -210,6 +210,7 @@ def test_pipeline_over_http_server_records_runs_lineage_and_registry(prefect_api
     challenger = client.get_model_version_by_alias("opd-student", "challenger")
     assert champion.version == challenger.version == "1"
     assert "eval.reasoning_accuracy" in champion.tags and champion.tags["promotion"] == "promoted"
+    assert champion.tags["opd.dvc_remote"] == "none"  # the test project has no DVC remote: said, not left out
     assert champion.description.startswith("---\nlibrary_name: transformers")  # the model card, with the evaluation
     assert "| reasoning_accuracy |" in champion.description and commit in champion.description
     logged = client.get_logged_model(champion.source.removeprefix("models:/"))  # the version's model: its metrics
@@ -542,3 +543,18 @@ def test_one_pipeline_key_for_every_stage_of_a_plain_dvc_repro(project, monkeypa
     monkeypatch.setenv("DVC_EXP_NAME", "fuzzy-cat")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef")
     assert pipeline_key(params) == "exp-fuzzy-cat-01234567"
+
+
+def test_the_default_dvc_remote_is_read_without_its_credentials(tmp_path):
+    """A registered version records where ``dvc pull`` finds its student: the default remote that
+    ``dvc remote add -d`` wrote (the local config too), with no user or password; none without one."""
+    from tasks.tracking import dvc_remote
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
+    assert dvc_remote(tmp_path) is None
+    subprocess.run(["dvc", "remote", "add", "-d", "storage", "s3://bucket/opd"], cwd=tmp_path, check=True)
+    assert dvc_remote(tmp_path) == "s3://bucket/opd"
+    subprocess.run(["dvc", "remote", "add", "--local", "-d", "-f", "mine", "https://me:s3cret@dvc.example/opd"],
+                   cwd=tmp_path, check=True)
+    assert dvc_remote(tmp_path) == "https://***@dvc.example/opd"

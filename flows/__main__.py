@@ -20,7 +20,6 @@ import sys
 from typing import Any
 
 from opd.config import ConfigError, redact
-
 from opd.params import load_overlay, yaml_load
 from tasks.stage_lock import StageLocked
 from tasks.tracking import TrackingUnavailable
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "deploy":  # a deployment on a work pool of the user's Prefect server
             from flows.deploy import deploy
 
-            print(f"deployment {deploy(args.params, overrides or None, args.source)} on work pool "
+            print(f"deployment {deploy(params, args.params, overrides or None, args.source)} on work pool "
                   f"{params.schedule.work_pool!r}: run it with `prefect worker start --pool {params.schedule.work_pool}`")
             return 0
         if args.stage == "serve":  # a long-running deployment on the user's Prefect server (schedules need one)

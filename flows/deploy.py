@@ -12,13 +12,12 @@ same folders.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from flows.pipeline import opd_pipeline
-from opd.config import ConfigError
-from opd.params import load
+from flows.serve import require_server
+from opd.config import Params
 
 ENTRYPOINT = "flows/pipeline.py:opd_pipeline"
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +36,11 @@ def ensure_pool(name: str) -> str:
             return client.create_work_pool(WorkPoolCreate(name=name, type="process")).type
 
 
-def deploy(params_path: str | None = None, overrides: dict[str, Any] | None = None, source: str | None = None) -> str:
-    """Create or update the deployment; returns its id."""
-    params = load(params_path, overrides)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("deploy needs a Prefect server that workers reach: start one with `prefect server start "
-                          "--host 127.0.0.1` and set PREFECT_API_URL=http://127.0.0.1:4200/api (docs/deploy.md)")
+def deploy(params: Params, params_path: str | None = None, overrides: dict[str, Any] | None = None,
+           source: str | None = None) -> str:
+    """Create or update the deployment of ``params`` (read from ``params_path`` with ``overrides``, which
+    travel to the workers); returns its id."""
+    require_server("deploy")
     s = params.schedule
     pool_type = ensure_pool(s.work_pool)
     flow = opd_pipeline.from_source(source=source or str(ROOT), entrypoint=ENTRYPOINT)

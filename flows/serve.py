@@ -20,11 +20,16 @@ from opd.config import ConfigError
 from opd.params import load
 
 
+def require_server(what: str) -> None:
+    """Schedules and workers need a real Prefect server (a temporary one never fires them)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(f"{what} needs a Prefect server: start one with `prefect server start --host 127.0.0.1` "
+                          "and set PREFECT_API_URL=http://127.0.0.1:4200/api (docs/deploy.md)")
+
+
 def serve(params_path: str | None = None) -> None:
     params = load(params_path)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("serve needs a Prefect server: start one with `prefect server start --host 127.0.0.1` "
-                          "and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    require_server("serve")
     # one pipeline run at a time: two would train into the same folders and race for the registry
     opd_pipeline.serve(name=params.schedule.deployment, cron=params.schedule.cron, global_limit=1,
                        parameters={"params_path": params_path} if params_path else None)

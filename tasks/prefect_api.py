@@ -45,10 +45,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"the local Prefect API server exited with code {proc.returncode}: "
                                f"{proc.stderr.read().decode(errors='replace')[-2000:] if proc.stderr else ''}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
+        if _healthy(url, timeout=2):
+            return
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"the local Prefect API server did not answer {url}/health within {seconds:.0f} s "

@@ -22,7 +22,6 @@ from opd.data import Row
 from opd.tokens import response_ids, row_prompt_ids
 
 
-
 @dataclass(frozen=True)
 class Example:
     row: Row

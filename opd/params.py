@@ -84,20 +84,23 @@ def merge_overlay(base: dict[str, Any], over: dict[str, Any], where: str = "") -
     return out
 
 
+def read(path: Path) -> dict[str, Any]:
+    """A params file's mapping (YAML 1.2); a missing file or bad YAML is a ConfigError naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        return yaml_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_overlay(overlay: str | Path, base: str | Path | None = None) -> dict[str, Any]:
     """A recipe's settings: params.yaml (``base``; default the project's) with the overlay file's values,
     validated; returns the merged mapping (what ``python -m flows merge-params`` writes)."""
     from opd.paths import Layout
 
     paths = [Path(base) if base else Layout.here().params, Path(overlay)]
-    raw: list[dict[str, Any]] = []
-    for path in paths:
-        if not path.is_file():
-            raise ConfigError(f"{path}: params file not found")
-        try:
-            raw.append(yaml_load(path.read_text(encoding="utf-8")) or {})
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = [read(p) for p in paths]
     try:
         merged = merge_overlay(*raw)
     except ConfigError as err:
@@ -111,13 +114,7 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
     from opd.paths import Layout
 
     path = Path(path) if path else Layout.here().params
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
-    try:
-        raw = yaml_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    raw = raw or {}
+    raw = read(path)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     return parse(raw, str(path), frozenset(overrides or ()))

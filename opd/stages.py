@@ -41,7 +41,6 @@ from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
 
 
-
 def write_curve(path: Path, history: list[dict[str, Any]]) -> None:
     """Per-step metrics as CSV (dvc plots); columns are the union of all keys. A model that was not
     trained (a folder given by the user) gets a header-only curve, so the DVC output always exists."""
@@ -177,8 +176,6 @@ def context_of(model: torch.nn.Module) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9)
 
 
-
-
 def router(routing: str, names: list[str], noise: float = 0.0, seed: int = 0) -> Callable[[Row], str]:
     """Which teacher scores a row: ``default`` (single), or the row's ``teacher`` field (by_row), except
     for a ``noise`` fraction of rows, drawn from a hash of (seed, row id), sent to another teacher."""
@@ -194,7 +191,6 @@ def router(routing: str, names: list[str], noise: float = 0.0, seed: int = 0) ->
         return own
 
     return route
-
 
 
 def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: Path, ckpt_dir: Path,

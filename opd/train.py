@@ -215,7 +215,6 @@ def checkpoints_to_resume(ckpt_dir: Path, fingerprint: str, parts: dict[str, str
     return good
 
 
-
 def _save(acc: Accelerator, ckpt_dir: Path, step: int, fingerprint: str, history: list[dict[str, Any]], keep: int,
           parts: dict[str, str] | None = None) -> Path:
     final = ckpt_dir / f"step-{step:06d}"

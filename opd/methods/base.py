@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from opd.batch import PromptPool
-from opd.config import Params, RolloutConfig
+from opd.config import DistillConfig, Params, RolloutConfig
 from opd.data import Row
 from opd.paths import resolve
 from opd.rollout import RolloutBackend
@@ -46,6 +46,11 @@ class Own:
     fkl_coef: float = 0.0  # the mass-covering term's weight (docs/algorithms.md, section 6)
     fkl_beta: float = 0.0
 
+    @classmethod
+    def of(cls, d: DistillConfig) -> Own:
+        """The ``distill`` section's numbers (opd, fire, gkd, sft; copsd has its own)."""
+        return cls(d.prompts_per_step, d.samples_per_prompt, d.lr, d.kl_coef, d.fkl_coef, d.fkl_beta)
+
 
 @dataclass
 class Context:
@@ -69,8 +74,7 @@ class Method:
     sampled = False  # a rollout batch makes distill.ppo_epochs x distill.mini_batches optimiser steps
 
     def own(self, params: Params) -> Own:
-        d = params.distill
-        return Own(d.prompts_per_step, d.samples_per_prompt, d.lr, d.kl_coef, d.fkl_coef, d.fkl_beta)
+        return Own.of(params.distill)
 
     def teacher_path(self, params: Params, base: Path, cross: Path) -> Path:
         return resolve(base, "teacher")

@@ -111,7 +111,7 @@ def sampled_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, t
     update's own forward, detached, instead of a separate teacher-forced pass: the ratio is exactly 1,
     the gradient is the same, one student forward per step is saved.
     """
-    own = own or Own(cfg.prompts_per_step, cfg.samples_per_prompt, cfg.lr, cfg.kl_coef, cfg.fkl_coef, cfg.fkl_beta)
+    own = own or Own.of(cfg)
     updates = cfg.ppo_epochs * cfg.mini_batches
     fused = updates == 1 and cfg.grad_accum == 1  # the update's forward is the behaviour pass
     mass_covering = own.fkl_coef > 0
@@ -142,7 +142,11 @@ def sampled_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, t
     def do_update(ro: Rollout, per_sample: list[Example], scores: TeacherScores,
                   mask: torch.Tensor) -> tuple[float, Shaped, float]:
         """Returns the loss, the shaped advantages and the mean mass-covering divergence (0 when off)."""
+        def placed(s: Shaped) -> tuple[torch.Tensor, torch.Tensor]:
+            return s.adv.to(acc.device), s.mask.to(acc.device)
+
         shaped = None if fused else units["shape"](ro, per_sample, scores.logp, mask, scores.entropy)
+        adv, loss_mask = placed(shaped) if shaped is not None else (None, None)
         total, fkl = 0.0, torch.zeros(())
         for _ in range(cfg.ppo_epochs):
             for mb in _mini(len(ro.responses), cfg.mini_batches):
@@ -155,7 +159,7 @@ def sampled_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, t
                     if shaped is None:  # fused: shape on this forward's (detached) behaviour log-probs
                         ro.old_logprobs, ro.entropy = st.logp.detach(), st.entropy
                         shaped = units["shape"](ro, per_sample, scores.logp, mask, scores.entropy)
-                    adv, loss_mask = shaped.adv.to(acc.device), shaped.mask.to(acc.device)
+                        adv, loss_mask = placed(shaped)
                     count = global_count(acc, loss_mask[mb]) if count is None else count
                     loss = masked_mean(token_loss(seq, st, ro.old_logprobs[sl], adv[sl]), loss_mask[sl], count)
                     acc.backward(loss)

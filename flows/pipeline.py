@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 from mlflow import MlflowClient
 
 from flows.cross_sft import cross_sft_flow
@@ -23,7 +24,9 @@ from tasks.tracking import PARENT_ENV, configure, pipeline_key, start_pipeline_r
 @flow(name="opd_pipeline", version=__version__)
 def opd_pipeline(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     params = load(params_path, overrides)  # fail before any stage runs on a bad setting
-    parent = start_pipeline_run(params, configure(params), pipeline_key(params), name="opd_pipeline")
+    # the parent run names this flow run (a worker's, a schedule's): the MLflow run found from the Prefect UI
+    parent = start_pipeline_run(params, configure(params), pipeline_key(params), name="opd_pipeline",
+                                tags={"prefect.flow_run_id": str(flow_run.id)})
     previous = os.environ.get(PARENT_ENV)
     os.environ[PARENT_ENV] = parent
     kw = {"params_path": params_path, "overrides": overrides}

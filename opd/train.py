@@ -215,6 +215,27 @@ def checkpoints_to_resume(ckpt_dir: Path, fingerprint: str, parts: dict[str, str
     return good
 
 
+def on_every_rank(acc: Accelerator, found: list[tuple[int, Path]]) -> list[tuple[int, Path]]:
+    """Of this rank's resumable checkpoints, those every rank has. Only global rank 0 writes the model and
+    optimiser state, so a node that does not share the checkpoint folder's file system sees none (or old
+    ones); ranks that resumed from different steps would train different models and hang at the first
+    collective that differs. So all ranks take the newest step they all see, and say so when that is
+    not rank 0's newest."""
+    if acc.num_processes == 1:
+        return found
+    from accelerate.utils import gather_object
+
+    seen = gather_object([[step for step, _ in found]])
+    common = set.intersection(*(set(steps) for steps in seen))
+    mine = [(step, path) for step, path in found if step in common]
+    if acc.is_main_process and found and (not mine or mine[0][0] != found[0][0]):
+        then = f"resuming from step {mine[0][0]}" if mine else "starting from step 0"
+        warnings.warn(f"checkpoint {found[0][1]} is not on every rank (steps each rank sees: {seen}): put "
+                      f"{found[0][1].parent} on a file system every node shares to resume multi-node runs; {then}",
+                      stacklevel=2)
+    return mine
+
+
 def _save(acc: Accelerator, ckpt_dir: Path, step: int, fingerprint: str, history: list[dict[str, Any]], keep: int,
           parts: dict[str, str] | None = None) -> Path:
     final = ckpt_dir / f"step-{step:06d}"
@@ -288,7 +309,7 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
         return last_update
 
     if ckpt_dir is not None and s.resume == "auto":
-        for found_step, path in checkpoints_to_resume(ckpt_dir, fingerprint, parts):
+        for found_step, path in on_every_rank(acc, checkpoints_to_resume(ckpt_dir, fingerprint, parts)):
             try:
                 acc.load_state(str(path))  # after prepare, as accelerate requires for exact resume
             except Exception as err:  # noqa: BLE001 - any unreadable state: report the path, try the previous
@@ -301,6 +322,12 @@ def train(acc: Accelerator, model: torch.nn.Module, step_fn_factory: Callable[[t
             if (resume := getattr(on_log, "resume", None)) is not None:
                 resume([h for h in history if h["step"] % s.log_every == 0])
             break
+        if acc.num_processes > 1:  # a checkpoint that loaded on some ranks only: stop now, not hang later
+            from accelerate.utils import gather_object
+
+            if len(starts := set(gather_object([start]))) > 1:
+                raise RuntimeError(f"ranks resumed from different steps {sorted(starts)}: a checkpoint in {ckpt_dir} "
+                                   "did not load on every rank (see the warnings above)")
     step_fn = step_fn_factory(model, optimize)
     model.train()
     bar = tqdm(total=s.steps, initial=start, desc=s.label, disable=not acc.is_main_process, leave=False)

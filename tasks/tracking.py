@@ -181,10 +181,11 @@ def pipeline_key(params: Params) -> str:
     return h.hexdigest()[:16]
 
 
-def start_pipeline_run(params: Params, exp_id: str, key: str, name: str = "pipeline") -> str:
+def start_pipeline_run(params: Params, exp_id: str, key: str, name: str = "pipeline",
+                       tags: dict[str, str] | None = None) -> str:
     client = MlflowClient()
     run = client.create_run(exp_id, run_name=name, tags={"opd.kind": "pipeline", "opd.pipeline_key": key,
-                                                         "opd.version": __version__, **git_tags()})
+                                                         "opd.version": __version__, **git_tags(), **(tags or {})})
     _log_params(client, run.info.run_id, params)
     return run.info.run_id
 

@@ -108,6 +108,14 @@ def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_weights(p
     full = launch("resume", proj, tmp_path / "b")
     assert full.returncode == 0, full.stderr[-4000:]
     assert (tmp_path / "a/student/model.safetensors").read_bytes() == (tmp_path / "b/student/model.safetensors").read_bytes()
+    # nodes without a shared file system: rank 1 sees no checkpoint; every rank starts over (the same
+    # weights as the full run) with the reason, instead of rank 0 resuming alone and the ranks diverging
+    killed = launch("resume", proj, tmp_path / "c", KILL_AT="3", CKPT_PER_RANK="1")
+    assert killed.returncode != 0 and (tmp_path / "c" / "ckpt-rank0" / "step-000002").is_dir()
+    split = launch("resume", proj, tmp_path / "c", CKPT_PER_RANK="1")
+    assert split.returncode == 0, split.stderr[-4000:]
+    assert "is not on every rank" in split.stderr and "starting from step 0" in split.stderr
+    assert (tmp_path / "c/student/model.safetensors").read_bytes() == (tmp_path / "b/student/model.safetensors").read_bytes()
 
 
 def test_bf16_loads_frozen_models_in_bf16_and_runs_the_step_under_autocast(proj, tmp_path, monkeypatch):

@@ -115,7 +115,8 @@ def fsdp2(root: Path, out: Path) -> None:
 
 def resume(root: Path, out: Path) -> None:
     """distill_stage (6 steps, a checkpoint every 2) into ``out/student``; with ``$KILL_AT`` set, rank 0
-    kills itself with SIGKILL after that step (torchrun then stops the other rank)."""
+    kills itself with SIGKILL after that step (torchrun then stops the other rank). With ``$CKPT_PER_RANK``
+    each rank has its own checkpoint folder, as nodes without a shared file system have."""
     import os
     import signal
 
@@ -128,7 +129,8 @@ def resume(root: Path, out: Path) -> None:
         if step == kill_at and int(os.environ.get("RANK", "0")) == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    stages.distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, out / "student", out / "ckpt", log)
+    ckpt = out / (f"ckpt-rank{os.environ.get('RANK', '0')}" if os.environ.get("CKPT_PER_RANK") else "ckpt")
+    stages.distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, out / "student", ckpt, log)
 
 
 def nan(root: Path, out: Path) -> None:

@@ -5,7 +5,8 @@ DVC stages call this, so ``dvc repro`` and a Prefect run go through the same flo
 ``runtime.num_processes > 1`` runs the distill stage as that many processes (``flows/launch.py``).
 ``python -m flows import-model SRC DEST`` converts a local GGUF file (or a package that ships one) into
 a safetensors model folder (``opd/importer.py``); ``python -m flows real-data OUT`` writes the
-real-model recipe's data folder (``opd/real_data.py``). Flows talk to a local Prefect API server
+real-model recipe's data folder (``opd/real_data.py``); ``python -m flows serve-teacher MODEL_DIR --port P``
+serves a model folder as a teacher server on 127.0.0.1 (``tasks/teacher_server.py``, ``teacher.server``). Flows talk to a local Prefect API server
 that dies with the command (``tasks/prefect_api.py``); ``python -m flows with-api -- dvc repro``
 shares one such server between every stage of the command. A stage that runs models restarts itself
 once, before any work, with ``runtime.allocator`` preloaded (mimalloc: ``opd/allocator.py``).
@@ -61,13 +62,19 @@ def summary_line(stage: str, result: Any, width: int = 600) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
     ap.add_argument("stage", choices=sorted(STAGES) + ["serve", "deploy", "import-model", "real-data", "merge-params", "user-inputs",
-                                                        "with-api"])
+                                                        "with-api", "serve-teacher"])
     ap.add_argument("paths", nargs="*", metavar="SRC DEST",
                     help="import-model: a .gguf file or an installed package that ships one, and the folder to write; "
                          "real-data: the folder to write")
     ap.add_argument("--harmbench", default=None, help="real-data: a HarmBench behaviours CSV (default: the installed package's)")
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
     ap.add_argument("--source", default=None, help="deploy: where workers fetch the code (default: this folder; a git URL)")
+    ap.add_argument("--host", default="127.0.0.1", help="serve-teacher: the address to bind (default loopback only)")
+    ap.add_argument("--port", type=int, default=8000, help="serve-teacher: the port (default 8000)")
+    ap.add_argument("--name", default=None, help="serve-teacher: the served model's id (default the folder's name)")
+    ap.add_argument("--max-batch-tokens", type=int, default=8192, help="serve-teacher: tokens per forward")
+    ap.add_argument("--threads", type=int, default=0, help="serve-teacher: torch threads (default all)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="serve-teacher: the weights' dtype")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     overrides = {}
@@ -84,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             print(import_gguf(*args.paths))
+        except ModelError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.stage == "serve-teacher":  # a teacher server (the protocol of vllm serve), until interrupted
+        if len(args.paths) != 1:
+            ap.error("serve-teacher takes MODEL_DIR, a model folder: python -m flows serve-teacher models/base/teacher --port 8000")
+        from opd.models import ModelError
+        from tasks.teacher_server import serve
+
+        try:
+            serve(args.paths[0], args.host, args.port, args.name, args.max_batch_tokens, args.threads, dtype=args.dtype)
         except ModelError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -125,6 +125,28 @@ class InitConfig(_Section):
         return self
 
 
+class ServerConfig(_Section):
+    """A teacher scored by an OpenAI-compatible completions server (``vllm serve``, ``python -m flows
+    serve-teacher``) instead of loaded in every process (opd/remote.py, docs/teacher-server.md)."""
+
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+")]  # http(s)://host:port; the API key from $OPD_TEACHER_API_KEY
+    model: str | None = None  # the served model's id (null: the server's first model)
+    top_k: int = Field(20, ge=1)  # the distribution terms (gkd, fkl_coef, teacher entropy) use top-k + a tail bucket
+    timeout_s: float = Field(120.0, gt=0)  # one request's whole budget, retries with backoff included
+    max_batch_tokens: int = Field(8192, ge=1)  # prompt + response tokens per request; requests go concurrently
+    concurrency: int = Field(4, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        if "@" in urlsplit(url).netloc:
+            raise ValueError("the URL holds credentials, which params.yaml, dvc.lock and MLflow would keep: give the "
+                             "address alone and the server's API key in OPD_TEACHER_API_KEY")
+        return url.rstrip("/")
+
+
 class ModelConfig(_Section):
     """A teacher or the student: a local folder, or an architecture trained in the teacher stage.
     The student may instead be pruned from the teacher (``init``), then SFT-ed when ``sft.steps`` > 0."""
@@ -139,6 +161,13 @@ class ModelConfig(_Section):
         if self.path and self.init:
             raise ValueError("set either path or init (a student pruned from the teacher), not both")
         return self
+
+
+class TeacherConfig(ModelConfig):
+    """A teacher: a model folder or architecture (:class:`ModelConfig`), optionally scored by a server
+    (``server``), whose folder then still gives the tokenizer and chat template."""
+
+    server: ServerConfig | None = None
 
 
 class RolloutConfig(_Section):
@@ -381,6 +410,10 @@ class Params(_Section):
             raise ValueError(f"teachers: invalid teacher names {bad} (identifiers, not 'default')")
         if self.teacher.init or any(t.init for t in self.teachers.values()):
             raise ValueError("init (pruning from the teacher) is a student setting: student.init")
+        if self.teacher.server and self.distill.method == "copsd" and self.copsd.teacher != "original":
+            raise ValueError(f"teacher.server serves the original teacher, but copsd.teacher is {self.copsd.teacher!r} "
+                             "(a model trained or held here): set copsd.teacher: original, or serve that model and "
+                             "point teacher.server at it with copsd.teacher: original")
         if self.rollout.dtype != "fp32" and (self.rollout.backend != "transformers" or self.runtime.strategy != "ddp"):
             raise ValueError("rollout.dtype: a half-precision sampler copy is for backend transformers under ddp "
                              "(vLLM has its own dtype; FSDP2 shards the student, so no whole copy exists)")
@@ -389,12 +422,12 @@ class Params(_Section):
     seed: int = Field(0, ge=0)
     world: WorldConfig = WorldConfig()
     data: DataConfig = DataConfig()
-    teacher: ModelConfig = ModelConfig(sft=SFTConfig(constitution_mode="cautious"))
+    teacher: TeacherConfig = TeacherConfig(sft=SFTConfig(constitution_mode="cautious"))
     student: ModelConfig = ModelConfig(
         arch=ArchConfig(hidden_size=64, num_layers=2, intermediate_size=192, num_heads=4),
         sft=SFTConfig(steps=250, safety_categories=["violence", "illegal"]),
     )
-    teachers: dict[str, ModelConfig] = {}  # named extra teachers (multi-teacher routing)
+    teachers: dict[str, TeacherConfig] = {}  # named extra teachers (multi-teacher routing)
     rollout: RolloutConfig = RolloutConfig()
     distill: DistillConfig = DistillConfig()
     fire: FireConfig = FireConfig()

@@ -125,13 +125,21 @@ class TeacherDist:
                            torch.cat([p.counts for p in parts]))
 
 
-def teacher_pass(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
+def device_of(teacher: Any) -> torch.device:
+    """Where a teacher's inputs go: its weights' device; a teacher server takes them from the CPU."""
+    return next(teacher.parameters()).device if isinstance(teacher, torch.nn.Module) else torch.device("cpu")
+
+
+def teacher_pass(model: Any, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
                  with_entropy: bool = False, top_k: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, TeacherDist | None]:
     """A frozen model's per-token log-probs (and entropies) of the sequence's tokens, and with
     ``top_k`` not None its distribution at each response position (0: the full vocabulary; k: top-k
     and a tail bucket), from ONE forward: what a mass-covering term needs beside the sampled-token
-    reward, without a second teacher pass."""
+    reward, without a second teacher pass. A teacher server (:class:`opd.remote.RemoteTeacher`) answers
+    the same question through its API: the log-probs exactly, entropies and distributions from its top-k."""
+    if not isinstance(model, torch.nn.Module):
+        return model.teacher_pass(seq, temperature, with_entropy, top_k)
     with torch.no_grad():
         inner = unwrap(model)
         h, targets = response_hidden(inner, seq)
@@ -163,11 +171,12 @@ class PolicyStats:
 
 
 def policy_stats(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temperature: float = 1.0,
-                 with_entropy: bool = False, teacher: TeacherDist | None = None, beta: float = 0.0) -> PolicyStats:
+                 with_entropy: bool = False, teacher: TeacherDist | None = None, beta: float = 0.0,
+                 kind: Divergence = "jsd") -> PolicyStats:
     """Per-token log-prob of the sequence's own next token (and the full-vocabulary entropy), at
     ``temperature`` (the sampling temperature: the policy that sampled is ``softmax(logits / T)``);
-    with ``teacher``, also the generalised JSD(beta) to it at each position (beta 0 = forward KL, the
-    mass-covering term), from the same chunked LM-head pass. ``model`` may be a DDP / FSDP-prepared
+    with ``teacher``, also the divergence ``kind`` to it at each position (the generalised JSD(beta) by
+    default; beta 0 = forward KL, the mass-covering term), from the same chunked LM-head pass. ``model`` may be a DDP / FSDP-prepared
     module: the pass runs through its forward."""
     extra = teacher is not None
     cols = 1 + with_entropy + extra
@@ -182,7 +191,7 @@ def policy_stats(model: torch.nn.Module, seq: Sequences, chunk: int = 64, temper
             t_logp = dist[0]
             if len(dist) == 2:  # top-k: the student's mass on the teacher's top-k ids, plus its tail
                 s_logp = with_tail(s_logp.gather(-1, dist[1]))
-            out.append(divergence_logprobs(s_logp, t_logp, "jsd", beta))
+            out.append(divergence_logprobs(s_logp, t_logp, kind, beta))
         return torch.stack(out, -1)
 
     def run(m: torch.nn.Module) -> torch.Tensor:

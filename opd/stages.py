@@ -10,6 +10,7 @@ import copy
 import csv
 import hashlib
 import io
+import json
 import shutil
 import time
 import warnings
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from opd.answers import extract_answer, replace_answer
-from opd.config import DEFAULT_TEACHER, InitConfig, ModelConfig, Params, SFTConfig
+from opd.config import DEFAULT_TEACHER, InitConfig, ModelConfig, Params, ServerConfig, SFTConfig
 from opd.params import to_flat_dict
 from opd.constitution import constitutions_of
 from opd.data import Row, atomic_dir, atomic_write_text, content_of, load_rows, write_json
@@ -36,6 +37,7 @@ from opd.models import (build_llama, check_compatible, count_parameters, dtype_o
 from opd.rollout import RolloutBackend, TransformersBackend, VLLMBackend, stop_ids
 from opd.model_card import model_card, shown
 from opd.paths import MANIFEST, RELIABILITY, Layout, resolve
+from opd.remote import RemoteTeacher
 from opd.templates import template_gap
 from opd.world.behaviour import cautious_rows
 from opd.train import LoopSettings, fingerprint_of, make_accelerator, save_trained, train
@@ -170,7 +172,16 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def context_of(model: torch.nn.Module) -> int:
+def served_teachers(params: Params) -> dict[str, tuple[str, ServerConfig]]:
+    """The teachers scored by a server: name -> (the setting's dotted name, its settings)."""
+    named = {DEFAULT_TEACHER: ("teacher.server", params.teacher)} | {n: (f"teachers.{n}.server", m)
+                                                                   for n, m in params.teachers.items()}
+    return {n: (key, m.server) for n, (key, m) in named.items() if m.server is not None}
+
+
+def context_of(model: torch.nn.Module | RemoteTeacher) -> int:
+    if isinstance(model, RemoteTeacher):
+        return model.context
     """The positions a model can attend over, from its config (no assumed length)."""
     cfg = model.config
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9)
@@ -218,12 +229,18 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     toks = {n: load_tokenizer(p, rt.trust_remote_code) for n, p in paths.items()}
     for n, t in toks.items():
         check_compatible(t, tok, f"teacher {n!r}")
-    # loaded once, eval mode, no gradients
-    teachers = {n: _frozen(load_model(p, rt.trust_remote_code, frozen), acc.device) for n, p in paths.items()}
+    servers = served_teachers(params)
+    # loaded once, eval mode, no gradients; or a client of the teacher's server (its folder gives the tokenizer)
+    teachers = {n: RemoteTeacher(servers[n][1], servers[n][0]) if n in servers
+                else _frozen(load_model(p, rt.trust_remote_code, frozen), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
     route = router(d.routing, sorted(paths), d.routing_noise, params.seed)
     pool = PromptPool(rows, tok, toks, teacher_view=method.teacher_view(params, prepared), route=route)
     pool.check_fits(context_of(student), {n: context_of(t) for n, t in teachers.items()}, params.rollout.max_new_tokens)
+    temperatures = {params.rollout.temperature, d.temperature if d.method == "gkd" else params.rollout.temperature}
+    for t in teachers.values():
+        if isinstance(t, RemoteTeacher):  # before any training: the student's vocabulary, the temperature applied
+            t.check(tok, temperatures)
     template: dict[str, float] = {}  # the default teacher's keys as they are, a routed teacher's as "<name>.<key>"
     for name, teacher in teachers.items():
         routed = [r for r in rows if route(r) == name]
@@ -253,15 +270,21 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                             updates_per_step=d.ppo_epochs * d.mini_batches if method.sampled else 1)
     read = [prepared / "train.jsonl", prepared / "tokenizer", s_path, *paths.values()]
     hashes = content_of(*read)
-    fp = fingerprint_of(settings=to_flat_dict(params), **hashes)
+    served = {n: t.identity for n, t in teachers.items() if isinstance(t, RemoteTeacher)}  # what each server said it is
+    fp = fingerprint_of(settings=to_flat_dict(params), **hashes,
+                        **{f"server:{n}": json.dumps(i, sort_keys=True) for n, i in served.items()})
     t0 = time.perf_counter()
     model, history = train(acc, student, lambda m, optimize: method.step(ctx, m, optimize), settings,
                            ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
                "processes": acc.num_processes, "template": template, "final": history[-1] if history else {}}
+    if served:
+        summary["teacher_servers"] = served
     root = Layout.here().root
-    card = model_card(params, t_path, s_path, summary, root=root,
-                      lineage={f"`{shown(p, root)}` (md5)": h for p, h in zip(read, hashes.values(), strict=True)},
+    lineage = {f"`{shown(p, root)}` (md5)": h for p, h in zip(read, hashes.values(), strict=True)}
+    lineage |= {f"teacher server `{n}`": f"{i['model']} at {i['url']}, revision {i['revision'] or 'not reported'}"
+                for n, i in served.items()}
+    card = model_card(params, t_path, s_path, summary, root=root, lineage=lineage,
                       stop_tokens=tok.convert_ids_to_tokens(stop_ids(tok, student)))
     save_trained(acc, model, tok, out, files={"README.md": card})
     if acc.is_main_process:

@@ -11,16 +11,16 @@ after the student's. A large gap says that a method feeding the teacher the stud
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from opd.data import Row
-from opd.scoring import Sequences, token_stats
+from opd.scoring import Sequences, device_of, teacher_pass
 from opd.tokens import response_ids, row_prompt_ids
 
 
-def template_gap(teacher: torch.nn.Module, teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
+def template_gap(teacher: Any, teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase,
                  rows: Sequence[Row], n: int = 8, chunk: int = 1024) -> dict[str, float]:
     """``template_match`` 1.0 when both templates give the same prompt ids for the first ``n`` rows with a
     reference; otherwise also the teacher's mean per-token log-prob of those references after its own
@@ -31,12 +31,11 @@ def template_gap(teacher: torch.nn.Module, teacher_tok: PreTrainedTokenizerBase,
     if own == theirs:
         return {"template_match": 1.0}
     responses = [response_ids(teacher_tok, r.reference or "") for r in picked]
-    device = next(teacher.parameters()).device
+    device = device_of(teacher)  # a torch module, or a teacher server (opd/remote.py)
 
     def mean_logprob(prompts: list[list[int]]) -> float:
         seq = Sequences.build(prompts, responses, teacher_tok.pad_token_id).to(device)
-        with torch.no_grad():
-            lp, _ = token_stats(teacher, seq, chunk=chunk)
+        lp, _, _ = teacher_pass(teacher, seq, chunk=chunk)
         mask = seq.targets_mask
         return float((lp.float() * mask).sum() / mask.sum())
 

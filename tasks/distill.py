@@ -43,4 +43,6 @@ def distill_student(params: Params) -> dict[str, Any]:
     mlflow.log_artifact(str(lay.plots / "distill.png"), "plots")
     mlflow.log_metric("distill.seconds", summary["seconds"])
     mlflow.log_metrics({f"distill.{k}": v for k, v in summary["template"].items()})
+    for name, identity in summary.get("teacher_servers", {}).items():  # the teacher as its server described it
+        mlflow.set_tags({f"opd.teacher_server.{name}.{k}": v for k, v in identity.items()})
     return summary

@@ -30,6 +30,12 @@ def test_project_params_load():
         ({"rollout": {"dtype": "int8"}}, "rollout.dtype", "'bf16'"),
         ({"rollout": {"dtype": "bf16", "backend": "vllm"}}, "<root>", "rollout.dtype: a half-precision sampler"),
         ({"rollout": {"dtype": "bf16"}, "runtime": {"strategy": "fsdp2"}}, "<root>", "rollout.dtype"),
+        ({"teacher": {"server": {"url": "127.0.0.1:8000"}}}, "teacher.server.url", "should match pattern"),
+        ({"teacher": {"server": {"url": "http://u:pw@host:8000"}}}, "teacher.server.url", "OPD_TEACHER_API_KEY"),
+        ({"teacher": {"server": {"url": "http://h:1", "top_k": 0}}}, "teacher.server.top_k", "greater than or equal"),
+        ({"teacher": {"server": {"url": "http://h:1", "uri": "http://h:1"}}}, "teacher.server.uri", "unknown key"),
+        ({"student": {"server": {"url": "http://h:1"}}}, "student.server", "unknown key"),
+        ({"teacher": {"server": {"url": "http://h:1"}}, "distill": {"method": "copsd"}}, "<root>", "copsd.teacher"),
     ],
 )
 def test_bad_values_name_the_key(raw, key, words):

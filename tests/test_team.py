@@ -146,9 +146,8 @@ def team(tmp_path_factory):
         yield {"tmp": tmp, "env": env, "user": user, "s3": s3, "mlflow": mlflow_url, "api": api, "alice": alice,
                "bob": bob, "bob_run": bob_run}
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                stop_server(proc)
+        for proc in reversed(procs):  # each one: stop_server escalates to SIGKILL, so none is left behind
+            stop_server(proc)
 
 
 def test_a_worker_runs_the_deployed_pipeline_and_its_runs_carry_the_flow_run(team):

@@ -146,10 +146,16 @@ def start_mlflow_server(folder: Path) -> tuple[str, subprocess.Popen]:
 
 
 def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Stop a server started by :func:`start_mlflow_server` with every worker process it forked."""
+    """Stop a server started in a process group of its own (:func:`start_mlflow_server`) with every worker
+    process it forked; SIGKILL when it is still there 30 s later."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -264,21 +270,25 @@ def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefe
 
 
 # ----------------------------------------------------------------------------- dvc repro runs the flows
-def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
+def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path, request):
     """``dvc repro`` as a user with their own model folders (``teacher.path`` / ``student.path``, made in
-    the test: small Llamas with their own tokenizer and chat template) and the distill stage under 2
-    processes: prepare takes the models' tokenizer, the teacher stage trains nothing yet writes every
+    the test: small Llamas with their own tokenizer and chat template), the teacher on a teacher server
+    (``python -m flows serve-teacher``, ``teacher.server``) and the distill stage under 2 processes, both
+    clients of it: prepare takes the models' tokenizer, the teacher stage trains nothing yet writes every
     declared output, cross_sft is skipped for opd, one student and one distill run reach MLflow (rank
-    0's), the lineage tags match dvc.lock. Run as ``make run`` does (every stage on one Prefect API);
-    the second, fresh-store pass is a plain ``dvc repro`` (its stage starts its own)."""
+    0's), the lineage tags match dvc.lock and name the server's model. Run as ``make run`` does (every
+    stage on one Prefect API); the second, fresh-store pass is a plain ``dvc repro`` (its stage starts its own)."""
     from tests.test_prepare import copy_repo
+    from tests.test_teacher_server import start
     from tests.test_user_models import make_folders
 
     proj = tmp_path / "proj"
     copy_repo(proj)
     teacher, student = make_folders(tmp_path / "models")
+    url, server = start(teacher)
+    request.addfinalizer(lambda: stop_server(server))
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny(**{"runtime.num_processes": 2, "teacher.path": str(teacher),
-                                                             "student.path": str(student)})))
+                                                             "student.path": str(student), "teacher.server": {"url": url}})))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PREFECT_HOME": str(REPO / ".prefect"), "OPD_PIPELINE_KEY": "test-key"}
     for k in ("OPD_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
@@ -303,6 +313,9 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path):
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(stages) == STAGES
     assert [r.info.run_name for r in runs].count("distill") == 1  # two ranks, one tracked run
+    served = {k.removeprefix("opd.teacher_server.default."): v for k, v in stages["distill"].data.tags.items()
+              if k.startswith("opd.teacher_server.default.")}  # what the server said it is: the folder's DVC md5
+    assert served["url"] == url and served["model"] == teacher.name and served["revision"] == digest(teacher)
     assert json.loads((proj / "metrics/distill.json").read_text())["processes"] == 2
     for committed in [*proj.glob("metrics/*.json"), *proj.glob("plots/*.csv")]:  # the same on every machine
         text = committed.read_text()

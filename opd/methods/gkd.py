@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -17,11 +18,11 @@ from opd.config import DistillConfig, RolloutConfig
 from opd.losses import masked_mean
 from opd.methods.base import Context, Method, Step
 from opd.rollout import RolloutBackend
-from opd.scoring import Sequences, vocab_divergence
+from opd.scoring import Sequences, policy_stats, teacher_pass, vocab_divergence
 from opd.train import Optimize
 
 
-def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch.nn.Module], pool: PromptPool,
+def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, Any], pool: PromptPool,
              backend: RolloutBackend, tok: PreTrainedTokenizerBase, cfg: DistillConfig, rcfg: RolloutConfig
              ) -> Callable[[int], dict[str, float]]:
     """GKD: full-vocabulary divergence on student samples (prob. lambda) or dataset responses.
@@ -44,10 +45,17 @@ def gkd_step(acc: Accelerator, model: torch.nn.Module, teachers: dict[str, torch
         s_seq = Sequences.build([e.student_prompt for e in examples], responses, tok.pad_token_id).to(acc.device)
         t_seq = Sequences.build([e.teacher_prompt for e in examples], responses, tok.pad_token_id).to(acc.device)
         count = global_count(acc, s_seq.targets_mask)
+        # a teacher server sends its top-k and a tail bucket (opd/remote.py), scored once for the step
+        served = None if isinstance(teacher, torch.nn.Module) else teacher_pass(teacher, t_seq, temperature=cfg.temperature,
+                                                                                top_k=cfg.top_k)[2]
         total = 0.0
         for sl in micro_slices(len(responses), cfg.grad_accum):
-            div = vocab_divergence(model, s_seq.select(sl), teacher, t_seq.select(sl), cfg.loss, cfg.beta,
-                                   cfg.temperature, cfg.chunk_size, cfg.top_k)
+            if served is None:
+                div = vocab_divergence(model, s_seq.select(sl), teacher, t_seq.select(sl), cfg.loss, cfg.beta,
+                                       cfg.temperature, cfg.chunk_size, cfg.top_k)
+            else:
+                div = policy_stats(model, s_seq.select(sl), cfg.chunk_size, cfg.temperature, teacher=served.select(sl),
+                                   beta=cfg.beta, kind=cfg.loss).divergence
             loss = masked_mean(div, s_seq.select(sl).targets_mask, count)
             acc.backward(loss)
             total += float(loss.detach())

@@ -22,7 +22,7 @@ from opd.config import DistillConfig, RolloutConfig
 from opd.losses import kl_k3, masked_mean, pg_plain, pg_ppo_clip
 from opd.methods.base import Context, Method, Own, Step, Unit, inline
 from opd.rollout import Rollout, RolloutBackend, rollout, sampler_gap
-from opd.scoring import PolicyStats, Sequences, TeacherDist, policy_stats, teacher_pass, token_stats
+from opd.scoring import PolicyStats, Sequences, TeacherDist, device_of, policy_stats, teacher_pass, token_stats
 from opd.train import Optimize
 
 
@@ -57,7 +57,7 @@ def teacher_logprobs(teachers: dict[str, torch.nn.Module], examples: Sequence[Ex
     for name in sorted(set(names)):
         rows = [i for i, n in enumerate(names) if n == name]
         model = teachers[name]
-        device = next(model.parameters()).device
+        device = device_of(model)
         t_seq = Sequences.build([examples[i].teacher_prompt for i in rows], [responses[i] for i in rows],
                                 pad_id).to(device)
         lp, en, dist = teacher_pass(model, t_seq, chunk=chunk, temperature=temperature, with_entropy=with_entropy,

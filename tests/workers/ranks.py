@@ -5,7 +5,8 @@
 MODE ``methods``: one short distill_stage per method with a deterministic sampler (the same responses
 for a prompt whatever rank samples it), each rank saving its own final parameters; ``fsdp2``: one OPD
 step on a student sharded with FSDP2 (``fully_shard``, gloo), full parameters saved by rank 0;
-``nan``: a step whose loss is NaN on rank 1 only, each rank writing what stopped it.
+``nan``: a step whose loss is NaN on rank 1 only, each rank writing what stopped it; ``remote``: one OPD
+step with the teacher on a server (``$TEACHER_URL``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,31 @@ def resume(root: Path, out: Path) -> None:
     stages.distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, out / "student", ckpt, log)
 
 
+def remote(root: Path, out: Path) -> None:
+    """One OPD step scored by the teacher server at ``$TEACHER_URL`` (every rank a client of the same
+    server), the deterministic sampler; each rank saves its final parameters."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    lay = Layout(root)
+    params = load(root / "params.yaml", {"distill.steps": 1, "distill.prompts_per_step": 8, "distill.warmup_steps": 0,
+                                         "teacher.server": {"url": os.environ["TEACHER_URL"]}})
+    saved = {}
+    real = stages.save_trained
+
+    def keep(acc, model, tok, path, files=None):
+        saved["state"], saved["rank"] = {k: v.detach().clone() for k, v in model.state_dict().items()}, acc.process_index
+        real(acc, model, tok, path, files)
+
+    stages.save_trained = keep
+    from opd.models import load_tokenizer
+
+    tok = load_tokenizer(resolve(lay.models_base, "student_init"))
+    stages.distill_stage(params, lay.prepared, lay.models_base, lay.cross_sft, out / f"remote-w{world}",
+                         out / f"ckpt-remote-w{world}", sampler=lambda m: Replay(len(tok), tok.eos_token_id))
+    torch.save(saved["state"], out / f"remote-w{world}-rank{saved['rank']}.pt")
+
+
 def nan(root: Path, out: Path) -> None:
     """Rank 1 reports a NaN loss (its gradient stays finite): without a global decision rank 0 would
     step on and wait forever for rank 1 at the next all-reduce."""
@@ -166,5 +192,5 @@ def nan(root: Path, out: Path) -> None:
 if __name__ == "__main__":
     mode, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     out.mkdir(parents=True, exist_ok=True)
-    {"methods": methods, "fsdp2": fsdp2, "nan": nan, "resume": resume}[mode](root, out)
+    {"methods": methods, "fsdp2": fsdp2, "nan": nan, "resume": resume, "remote": remote}[mode](root, out)
     print(json.dumps({"mode": mode, "done": True}))

@@ -1,6 +1,10 @@
 """Scale-out check: one short distill per rollout backend x precision x process count, as a table.
 
     python benchmarks/gpu_check.py [--project .] [--steps 20] [--processes 2] [--method opd]
+    python benchmarks/gpu_check.py --quick [--device cpu]     # the GPU acceptance table (benchmarks/acceptance.py)
+
+``--quick`` needs no project and only the engine's packages: real-shaped Qwen2 models built from config
+(``benchmarks/acceptance.py``), one table in a few minutes on one GPU; ``--device cpu`` shrinks the shapes.
 
 Runs :func:`opd.stages.distill_stage` on the project's prepared data and base models (``make run``
 first, or any project folder with ``data/prepared`` and ``models/base``), each configuration a fresh
@@ -107,6 +111,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--method", default="opd")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    ap.add_argument("--quick", action="store_true", help="the acceptance table on real-shaped models from config")
+    ap.add_argument("--device", default=None, help="--quick: cuda (default when available) or cpu")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="transformers", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -114,6 +120,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.quick:
+        import torch
+
+        from benchmarks.acceptance import run, table
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows = run(device)
+        print(table(rows, device))
+        out = Path(args.out).with_name("gpu_check_quick.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
         return
     rows, (configs, skipped) = [], configurations(args.processes)
     for backend, precision, n in configs:

@@ -1,5 +1,6 @@
 """The engine installs on its own: ``pip install opd-pipeline`` (no extras) gives ``import opd`` and a
-distill step, without Prefect, MLflow, DVC, GX or datasets (the ``pipeline`` extra)."""
+distill step, without Prefect, MLflow, DVC, GX or datasets (the ``pipeline`` extra); the GPU acceptance
+table (``benchmarks/gpu_check.py --quick``) runs there too, as on a bare GPU image."""
 
 from __future__ import annotations
 
@@ -28,3 +29,13 @@ def test_the_engine_installs_and_steps_without_the_pipeline(tmp_path):
                          timeout=600, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "loss" in json.loads(run.stdout.strip().splitlines()[-1])
+    # the GPU acceptance script with small shapes on CPU, in the same engine-only environment
+    out = tmp_path / "results" / "gpu_check.json"
+    run = subprocess.run([str(py), str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--device", "cpu", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {(r["row"], r["precision"]): r["status"] for r in json.loads(out.with_name("gpu_check_quick.json").read_text())["rows"]}
+    assert len(rows) == 8 and rows[("OPD step, LoRA student", "fp32")].startswith("skipped: not built yet")
+    assert all(status == "ok" for key, status in rows.items() if key[0] != "OPD step, LoRA student"), rows
+    assert "| GKD step, 151,936 vocabulary, chunked head | fp32 |" in run.stdout and "first-step loss: fp32" in run.stdout

@@ -139,11 +139,15 @@ def teacher_stage(params: Params, prepared: Path, out: Path, ckpt_root: Path,
         for name, mcfg in _model_configs(params).items():
             if mcfg.path:
                 other = load_tokenizer(mcfg.path, params.runtime.trust_remote_code)
-                given = load_model(mcfg.path, params.runtime.trust_remote_code,  # fail early on a bad folder
-                                   dtype_of(params.runtime.mixed_precision))  # measured frozen, as evaluate does
                 check_compatible(other, tok, name)
                 manifest[name] = str(Path(mcfg.path).resolve())
-                summary[name] = {"path": manifest[name], **measure(name, given)}
+                server = getattr(mcfg, "server", None)
+                if server is not None:  # its weights live on the server: the folder gives the tokenizer only
+                    summary[name] = {"path": manifest[name], "server": server.url}
+                else:
+                    given = load_model(mcfg.path, params.runtime.trust_remote_code,  # fail early on a bad folder
+                                       dtype_of(params.runtime.mixed_precision))  # measured frozen, as evaluate does
+                    summary[name] = {"path": manifest[name], **measure(name, given)}
                 curves[name] = []  # not trained: an empty curve keeps the stage's declared outputs
                 continue
             t0 = time.perf_counter()

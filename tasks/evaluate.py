@@ -27,6 +27,8 @@ def evaluate_models(params: Params) -> dict[str, Any]:
     log_dataset(lay.prepared, "eval")
     models = {"teacher": resolve(lay.models_base, "teacher"), "student_init": resolve(lay.models_base, "student_init"),
               "student": lay.student}
+    if params.teacher.server is not None:  # a served teacher scores; evaluating it would need it to generate here
+        del models["teacher"]
     table, samples = evaluate_stage(params, lay.prepared, models)
     write_metrics(lay.metrics / "eval.json", table)
     k = params.evaluate.generations_logged

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,10 +274,11 @@ def test_failed_evaluation_marks_runs_failed_and_leaves_the_registry_alone(prefe
 def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path, request):
     """``dvc repro`` as a user with their own model folders (``teacher.path`` / ``student.path``, made in
     the test: small Llamas with their own tokenizer and chat template), the teacher on a teacher server
-    (``python -m flows serve-teacher``, ``teacher.server``) and the distill stage under 2 processes, both
-    clients of it: prepare takes the models' tokenizer, the teacher stage trains nothing yet writes every
-    declared output, cross_sft is skipped for opd, one student and one distill run reach MLflow (rank
-    0's), the lineage tags match dvc.lock and name the server's model. Run as ``make run`` does (every
+    (``python -m flows serve-teacher``, ``teacher.server``; here ``teacher.path`` holds its tokenizer only)
+    and the distill stage under 2 processes, both clients of it: prepare takes the models' tokenizer, the
+    teacher stage trains and loads nothing yet writes every declared output, cross_sft is skipped for opd,
+    evaluate has no teacher row, one student and one distill run reach MLflow (rank 0's), the lineage tags
+    match dvc.lock and name the server's model. Run as ``make run`` does (every
     stage on one Prefect API); the second, fresh-store pass is a plain ``dvc repro`` (its stage starts its own)."""
     from tests.test_prepare import copy_repo
     from tests.test_teacher_server import start
@@ -284,9 +286,11 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path, 
 
     proj = tmp_path / "proj"
     copy_repo(proj)
-    teacher, student = make_folders(tmp_path / "models")
-    url, server = start(teacher)
+    served, student = make_folders(tmp_path / "models")
+    url, server = start(served)
     request.addfinalizer(lambda: stop_server(server))
+    teacher = tmp_path / "models" / "teacher-tokenizer"  # what the student's machine keeps of a served teacher
+    shutil.copytree(served, teacher, ignore=shutil.ignore_patterns("*.safetensors"))
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny(**{"runtime.num_processes": 2, "teacher.path": str(teacher),
                                                              "student.path": str(student), "teacher.server": {"url": url}})))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -313,9 +317,10 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path, 
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(stages) == STAGES
     assert [r.info.run_name for r in runs].count("distill") == 1  # two ranks, one tracked run
-    served = {k.removeprefix("opd.teacher_server.default."): v for k, v in stages["distill"].data.tags.items()
-              if k.startswith("opd.teacher_server.default.")}  # what the server said it is: the folder's DVC md5
-    assert served["url"] == url and served["model"] == teacher.name and served["revision"] == digest(teacher)
+    said = {k.removeprefix("opd.teacher_server.default."): v for k, v in stages["distill"].data.tags.items()
+            if k.startswith("opd.teacher_server.default.")}  # what the server said it is: its folder's DVC md5
+    assert said["url"] == url and said["model"] == served.name and said["revision"] == digest(served)
+    assert set(json.loads((proj / "metrics/eval.json").read_text())) == {"student_init", "student"}
     assert json.loads((proj / "metrics/distill.json").read_text())["processes"] == 2
     for committed in [*proj.glob("metrics/*.json"), *proj.glob("plots/*.csv")]:  # the same on every machine
         text = committed.read_text()
@@ -345,13 +350,14 @@ def test_dvc_repro_with_user_models_and_two_processes_fills_the_store(tmp_path, 
     champion = client.get_model_version_by_alias("opd-student", "champion")
     assert str(champion.version) == "1" and champion.tags["opd.student_md5"] == digest(proj / "models/student")
     # the user's weights are DVC dependencies: new weights in the same folder make the teacher stage stale
+    # (the served teacher's are the server's: its revision is recorded, DVC cannot see them)
     status = subprocess.run(["dvc", "status", "teacher"], cwd=proj, env=env, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout
     from opd.models import load_model, save_model
 
-    changed = load_model(teacher)
+    changed = load_model(student)
     torch.nn.init.normal_(changed.lm_head.weight)
-    save_model(changed, load_tokenizer(teacher), teacher)
+    save_model(changed, load_tokenizer(student), student)
     for cmd in (["dvc", "repro", "user_inputs"], ["dvc", "status", "teacher"]):
         r = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]

@@ -113,8 +113,16 @@ def watching(url: str, stage: str, grace: float = API_GRACE_S, every: float = 1.
             if _healthy(url, timeout=min(5.0, grace / 3)):
                 last_ok = time.monotonic()
             elif time.monotonic() - last_ok > grace and not stop.is_set():
-                print(f"error: {stage}: the Prefect API at {redact(url)} has not answered for {grace:.0f} s; stopping "
-                      f"(run the stage again to resume from its last checkpoint)", file=sys.stderr, flush=True)
+                # the line must stay the last one printed (Prefect's threads and the progress bar write on
+                # until the kill lands) and start a line of its own (a progress bar may be mid-line): every
+                # later write goes to /dev/null, the line to the saved stderr
+                sys.stdout.flush()
+                sys.stderr.flush()
+                saved, quiet = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+                os.dup2(quiet, 1)
+                os.dup2(quiet, 2)
+                os.write(saved, (f"\nerror: {stage}: the Prefect API at {redact(url)} has not answered for {grace:.0f} s; "
+                                 "stopping (run the stage again to resume from its last checkpoint)\n").encode())
                 _end_tree()
 
     thread = threading.Thread(target=run, name="prefect-api-watch", daemon=True)

@@ -213,9 +213,10 @@ class RemoteTeacher:
                 raise TeacherServerError(f"{self.setting}: the server's tokenizer ({self.model} at {self.cfg.url}) gives "
                                          f"{theirs} for {text!r}, the student's gives {mine}: the teacher must share "
                                          "the student's vocabulary")
+        probe = tok(PROBES[1], add_special_tokens=False)["input_ids"]
+        plain = self.score([probe], [1], 1.0, 0)[0].logp if temperatures - {1.0} else []
         for t in sorted(temperatures - {1.0}):
-            probe = tok(PROBES[1], add_special_tokens=False)["input_ids"]
-            plain, scaled = (self.score([probe], [1], temp, 0)[0].logp for temp in (1.0, t))
+            scaled = self.score([probe], [1], t, 0)[0].logp
             if max(abs(a - b) for a, b in zip(plain, scaled, strict=True)) < 1e-6:
                 raise TeacherServerError(f"{self.setting}: the server at {self.cfg.url} returns the same log-probs at "
                                          f"temperature {t:g} as at 1 (it does not apply the temperature), and this run "

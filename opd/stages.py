@@ -184,9 +184,9 @@ def served_teachers(params: Params) -> dict[str, tuple[str, ServerConfig]]:
 
 
 def context_of(model: torch.nn.Module | RemoteTeacher) -> int:
+    """The positions a model can attend over, from its config (no assumed length), or as its server says."""
     if isinstance(model, RemoteTeacher):
         return model.context
-    """The positions a model can attend over, from its config (no assumed length)."""
     cfg = model.config
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 10**9)
 
@@ -241,7 +241,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     route = router(d.routing, sorted(paths), d.routing_noise, params.seed)
     pool = PromptPool(rows, tok, toks, teacher_view=method.teacher_view(params, prepared), route=route)
     pool.check_fits(context_of(student), {n: context_of(t) for n, t in teachers.items()}, params.rollout.max_new_tokens)
-    temperatures = {params.rollout.temperature, d.temperature if d.method == "gkd" else params.rollout.temperature}
+    temperatures = {params.rollout.temperature} | ({d.temperature} if d.method == "gkd" else set())
     for t in teachers.values():
         if isinstance(t, RemoteTeacher):  # before any training: the student's vocabulary, the temperature applied
             t.check(tok, temperatures)

@@ -120,12 +120,13 @@ def create_app(folder: Path, name: str | None = None, max_batch_tokens: int = 81
                dtype: str = "fp32") -> FastAPI:
     from opd.data import digest
     from opd.models import dtype_of, load_model, load_tokenizer
+    from opd.stages import context_of
 
     folder = Path(folder).resolve()
     model = load_model(folder, trust_remote_code, dtype_of(dtype)).eval()  # log-probs are taken in float32
     tok = load_tokenizer(folder, trust_remote_code)
     name = name or folder.name
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    context = context_of(model)  # what the distill stage reads from a local model's config
     card = {"id": name, "object": "model", "owned_by": "opd", "root": str(folder), "max_model_len": context,
             "revision": digest(folder)}
     batcher = Batcher(scorer(model, tok.pad_token_id if tok.pad_token_id is not None else 0), max_batch_tokens)
@@ -165,7 +166,7 @@ def create_app(folder: Path, name: str | None = None, max_batch_tokens: int = 81
         vocab = model.get_output_embeddings().weight.shape[0]
         if any(t < 0 or t >= vocab for r in rows for t in r):
             raise HTTPException(400, f"prompt: token ids must lie in [0, {vocab})")
-        if context and max(map(len, rows)) > context:
+        if max(map(len, rows)) > context:
             raise HTTPException(400, f"prompt: {max(map(len, rows))} tokens, max_model_len is {context}")
         scored = await batcher.submit(rows, req.prompt_logprobs, req.temperature)
         return {"object": "text_completion", "model": name,

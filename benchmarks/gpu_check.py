@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     captured: dict = {}
     real = stages.save_trained
 
-    def keep(acc, model, tok, out, files=None):
+    def keep(acc, model, tok, out, files=None, finish=None):
         flat = torch.cat([p.detach().float().flatten().cpu() for p in acc.unwrap_model(model).parameters()])
         if acc.num_processes > 1:
             others = [torch.zeros_like(flat) for _ in range(acc.num_processes)]
@@ -66,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
             captured["rank_diff"] = max(float((o.cpu() - flat).abs().max()) for o in others)
         else:
             captured["rank_diff"] = 0.0
-        real(acc, model, tok, out, files)
+        real(acc, model, tok, out, files, finish)
 
     stages.save_trained = keep
     with tempfile.TemporaryDirectory() as tmp:

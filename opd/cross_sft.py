@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from opd import lora
 from opd.config import CrossSFTConfig, Params, RolloutConfig
 from opd.copsd import cross_sft_rows
 from opd.constitution import teacher_view
@@ -35,7 +36,7 @@ from opd.batch import PromptPool
 from opd.methods.sft import sft_step
 from opd.answers import check_answer
 from opd.evaluate import load_detector, token_f1
-from opd.models import check_compatible, load_model, load_tokenizer, save_model
+from opd.models import check_compatible, load_model, load_tokenizer
 from opd.rollout import TransformersBackend
 from opd.constitution import constitutions_of
 from opd.data import content_of, load_rows
@@ -155,14 +156,21 @@ def cross_sft_stage(params: Params, prepared: Path, base: Path, out: Path, ckpt_
     pool = PromptPool(mix.rows, tok)
     fp = fingerprint_of(settings=c.model_dump(), seed=params.seed, rows=len(mix.rows),
                         **content_of(prepared / "train.jsonl", prepared / "tokenizer", t_path, s_path))
-    teacher, history = train(acc, load_model(t_path, rt.trust_remote_code),
-                             lambda m, _: sft_step(acc, m, pool, tok, c.batch_size), settings,
+    teacher = load_model(t_path, rt.trust_remote_code)
+    if c.lora is not None:
+        teacher = lora.attach(teacher, c.lora, params.seed)
+        lora.adapter_checkpoints(acc)
+    teacher, history = train(acc, teacher, lambda m, _: sft_step(acc, m, pool, tok, c.batch_size), settings,
                              ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     summary = {"mix": mix.counts, "steps": steps, "self_sampling": stats,
                "mix_by_task": dict(Counter(r.task for r in mix.rows)),
                "final_loss": history[-1]["loss"] if history else None}
     with atomic_dir(out) as tmp:
-        save_model(teacher, tok, tmp / TEACHER_DIR)
+        folder = tmp / TEACHER_DIR
+        if c.lora is not None:  # merged: a plain folder the distill stage loads as any teacher (+ adapter/ if kept)
+            teacher = lora.merged(c.lora.keep_adapter)(teacher, folder)
+        teacher.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
         write_json(tmp / "mix.json", summary)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary, history

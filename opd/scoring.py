@@ -17,6 +17,7 @@ import torch
 
 from opd.losses import (Divergence, divergence_logprobs, entropy, head_chunks, soften, token_logprobs, topk_with_tail,
                         with_tail)
+from opd.lora import causal_lm
 from opd.tokens import join
 
 T = TypeVar("T")
@@ -87,8 +88,9 @@ def through(model: torch.nn.Module, fn: Callable[[torch.nn.Module], T]) -> T:
 def response_hidden(model: torch.nn.Module, seq: Sequences) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at the positions that predict response tokens: ``([N, H], [N] target ids)``.
 
-    ``model`` is the inner (unwrapped) causal LM; call this from inside :func:`through`."""
-    out = model.base_model(input_ids=seq.input_ids, attention_mask=seq.attention_mask)
+    ``model`` is the inner (unwrapped) causal LM (a LoRA student's PEFT wrapper: the model inside it, whose
+    layers hold the adapters); call this from inside :func:`through`."""
+    out = causal_lm(model).base_model(input_ids=seq.input_ids, attention_mask=seq.attention_mask)
     sel = seq.response_mask[:, 1:].bool()
     return out.last_hidden_state[:, :-1][sel], seq.input_ids[:, 1:][sel]
 
@@ -126,8 +128,12 @@ class TeacherDist:
 
 
 def device_of(teacher: Any) -> torch.device:
-    """Where a teacher's inputs go: its weights' device; a teacher server takes them from the CPU."""
-    return next(teacher.parameters()).device if isinstance(teacher, torch.nn.Module) else torch.device("cpu")
+    """Where a teacher's inputs go: its weights' device (a view with no weights of its own, the LoRA
+    student's base, says it as ``device``); a teacher server takes them from the CPU."""
+    if not isinstance(teacher, torch.nn.Module):
+        return torch.device("cpu")
+    weight = next(teacher.parameters(), None)
+    return weight.device if weight is not None else teacher.device
 
 
 def teacher_pass(model: Any, seq: Sequences, chunk: int = 64, temperature: float = 1.0,

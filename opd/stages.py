@@ -31,6 +31,7 @@ from opd.batch import PromptPool
 from opd.methods import METHODS
 from opd.methods.base import Context, Unit, inline
 from opd.methods.sft import sft_step
+from opd import lora
 from opd.evaluate import evaluate_model, load_detector, reliability, safety_tax
 from opd.models import (build_llama, check_compatible, count_parameters, dtype_of, evenly_spaced, load_model,
                         load_tokenizer, prune_layers, save_model)
@@ -97,7 +98,7 @@ def _sft(params: Params, name: str, mcfg: ModelConfig, tok: Any, rows: list[Row]
     settings = LoopSettings(steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
                             checkpoint_every=max(1, s.steps // 4), resume="auto", seed=seed, log_every=25,
                             label=f"SFT {name}")
-    fp = fingerprint_of(model=name, settings=mcfg.model_dump(), seed=params.seed, rows=len(train_rows), **(inputs or {}))
+    fp = fingerprint_of(model=name, settings=mcfg.model_dump(exclude={"lora"}), seed=params.seed, rows=len(train_rows), **(inputs or {}))
     return train(acc, model, lambda m, _: sft_step(acc, m, pool, tok, s.batch_size), settings,
                  ckpt_dir=ckpt_root / name, fingerprint=fp, on_log=log)
 
@@ -226,6 +227,10 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
     student = load_model(s_path, rt.trust_remote_code)
     if rt.gradient_checkpointing:
         student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    lora_cfg = params.student.lora
+    if lora_cfg is not None:
+        student = lora.attach(student, lora_cfg, params.seed)
+        lora.adapter_checkpoints(acc)
     frozen = dtype_of(rt.mixed_precision)
     paths = {DEFAULT_TEACHER: t_path}
     if d.routing == "by_row":
@@ -235,7 +240,10 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
         check_compatible(t, tok, f"teacher {n!r}")
     servers = served_teachers(params)
     # loaded once, eval mode, no gradients; or a client of the teacher's server (its folder gives the tokenizer)
+    # a LoRA student's base is the initial student: a self-teacher is that base, adapters off (no second copy)
+    initial = lora.AdaptersOff(student) if lora_cfg is not None else None
     teachers = {n: RemoteTeacher(servers[n][1], servers[n][0]) if n in servers
+                else initial if initial is not None and p.resolve() == s_path.resolve()
                 else _frozen(load_model(p, rt.trust_remote_code, frozen), acc.device) for n, p in paths.items()}
     rows = [r for r in load_rows(prepared, "train") if r.task in d.tasks]
     route = router(d.routing, sorted(paths), d.routing_noise, params.seed)
@@ -257,7 +265,7 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                           f"its own; the teacher's mean log-prob of reference answers is "
                           f"{gap['teacher_logprob_own_template']} after its own template and "
                           f"{gap['teacher_logprob_student_template']} after the student's", stacklevel=1)
-    ref = _frozen(copy.deepcopy(student).to(frozen), acc.device) if own.kl_coef else None
+    ref = None if not own.kl_coef else initial if initial is not None else _frozen(copy.deepcopy(student).to(frozen), acc.device)
     sharded = acc.is_fsdp2
 
     def backend_of(m: torch.nn.Module, rcfg: Any = params.rollout) -> Any:
@@ -282,6 +290,8 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                            ckpt_dir=ckpt_dir, fingerprint=fp, on_log=log)
     summary = {"method": d.method, "teacher": str(t_path), "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
                "processes": acc.num_processes, "template": template, "final": history[-1] if history else {}}
+    if lora_cfg is not None:
+        summary["lora"] = lora.counts(model)
     if served:
         summary["teacher_servers"] = served
     root = Layout.here().root
@@ -290,7 +300,8 @@ def distill_stage(params: Params, prepared: Path, base: Path, cross: Path, out: 
                 for n, i in served.items()}
     card = model_card(params, t_path, s_path, summary, root=root, lineage=lineage,
                       stop_tokens=tok.convert_ids_to_tokens(stop_ids(tok, student)))
-    save_trained(acc, model, tok, out, files={"README.md": card})
+    save_trained(acc, model, tok, out, files={"README.md": card},
+                 finish=lora.merged(lora_cfg.keep_adapter) if lora_cfg is not None else None)
     if acc.is_main_process:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary, history

@@ -124,14 +124,19 @@ def reduce_metrics(acc: Accelerator, metrics: dict[str, float]) -> dict[str, flo
 
 
 def save_trained(acc: Accelerator, model: PreTrainedModel, tok: PreTrainedTokenizerBase, out: str | Path,
-                 files: dict[str, str] | None = None) -> None:
+                 files: dict[str, str] | None = None,
+                 finish: Callable[[torch.nn.Module, Path], torch.nn.Module] | None = None) -> None:
     """Write the trained model (safetensors), tokenizer and any text ``files`` (a model card) from the
     main process only, through one atomic folder swap. The full state dict is gathered on every rank
-    first (a collective under FSDP)."""
-    state = acc.get_state_dict(model)
+    first (a collective under FSDP). ``finish(model, folder)`` returns the model to save instead (a LoRA
+    student's merged model, :func:`opd.lora.merged`), on the main process, which it may change."""
+    state = acc.get_state_dict(model) if finish is None else None
     if acc.is_main_process:
         with atomic_dir(out) as tmp:
-            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            inner = acc.unwrap_model(model)
+            if finish is not None:
+                inner = finish(inner, Path(tmp))
+            inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tok.save_pretrained(tmp)
             for name, text in (files or {}).items():
                 (Path(tmp) / name).write_text(text, encoding="utf-8")

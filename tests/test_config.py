@@ -118,7 +118,7 @@ def test_a_params_file_reads_exponents_without_a_dot(tmp_path):
 
 
 def test_the_typed_defaults_are_params_yaml():
-    """One source of settings: params.yaml states every setting of opd/config.py, at its default."""
+    """One source of settings: params.yaml states every setting of opd/config/, at its default."""
     from opd.config import Params
 
     assert Params().model_dump(mode="json") == committed_params()

@@ -22,7 +22,7 @@ from tests.conftest import REPO
 from tests.test_stages import tiny_project
 
 WORKER = REPO / "tests" / "workers" / "ranks.py"
-ONE_STEP = ("opd", "fire", "gkd", "copsd")
+ONE_STEP = ("opd", "fire", "gkd", "copsd", "lora_opd", "lora_copsd")
 
 
 def launch(mode: str, root: Path, out: Path, procs: int = 2, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

@@ -31,6 +31,10 @@ METHODS = {
     "copsd": {"distill.method": "copsd", "copsd.teacher": "original", "copsd.prompts_per_step": 4},
     "opd_ppo": {"distill.method": "opd", "distill.ppo_epochs": 2, "distill.mini_batches": 2},
     "opd_2steps": {"distill.method": "opd", "distill.steps": 2},
+    # LoRA students: DDP over the adapters; the reference model / self-teacher is the base, adapters off
+    "lora_opd": {"distill.method": "opd", "distill.kl_coef": 0.1, "student.lora": {"r": 4, "alpha": 8.0}},
+    "lora_copsd": {"distill.method": "copsd", "copsd.teacher": "self", "copsd.prompts_per_step": 4,
+                   "student.lora": {"r": 4, "alpha": 8.0}},
 }
 
 
@@ -59,10 +63,10 @@ def methods(root: Path, out: Path) -> None:
         saved = {}
         real = stages.save_trained
 
-        def keep(acc, model, tok, path, files=None, saved=saved, real=real):
+        def keep(acc, model, tok, path, files=None, finish=None, saved=saved, real=real):
             saved["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             saved["rank"] = acc.process_index
-            real(acc, model, tok, path, files)
+            real(acc, model, tok, path, files, finish)
 
         stages.save_trained = keep
         from opd.models import load_tokenizer
@@ -146,9 +150,9 @@ def remote(root: Path, out: Path) -> None:
     saved = {}
     real = stages.save_trained
 
-    def keep(acc, model, tok, path, files=None):
+    def keep(acc, model, tok, path, files=None, finish=None):
         saved["state"], saved["rank"] = {k: v.detach().clone() for k, v in model.state_dict().items()}, acc.process_index
-        real(acc, model, tok, path, files)
+        real(acc, model, tok, path, files, finish)
 
     stages.save_trained = keep
     from opd.models import load_tokenizer

@@ -1,35 +1,17 @@
-"""params.yaml's schema: typed, validated settings (read by :mod:`opd.params`, the only loader of settings).
-
-Every section is a pydantic model with ``extra="forbid"`` so a typo in params.yaml fails at start
-instead of silently running with a default. Errors are re-raised as :class:`ConfigError` whose
-message names the dotted key (``distill.lr``) and says what is wrong with it.
-"""
+"""The run sections of params.yaml: data, rollout, the methods' own (fire, copsd, cross_sft, distill),
+evaluation, tracking, promotion, schedule, runtime."""
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-Task = Literal["reasoning", "safety", "borderline", "general"]  # what a data row asks of the model
-TASKS: tuple[str, ...] = get_args(Task)
-MethodName = Literal["opd", "gkd", "sft", "fire", "copsd"]  # the keys of opd.methods.METHODS (a test checks)
-DEFAULT_TEACHER = "default"  # the name rows without a `teacher` are routed to (`teacher:`); not a name in `teachers:`
-CATEGORY_PATTERN = r"^[a-z][a-z0-9_]*$"  # a row's harm category: a lowercase label naming its constitution
+from opd.config.base import TASKS, MethodName, Section, Task
+from opd.config.models import LoraConfig
 
 
-class ConfigError(ValueError):
-    """A bad params.yaml: the message names the key and the problem."""
-
-
-class _Section(BaseModel):
-    # strict: `steps: true` is not 1 and `steps: 2.5` is not 2 (ints accept ints only; floats accept ints)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, strict=True)
-
-
-class WorldConfig(_Section):
+class WorldConfig(Section):
     """Sizes of the embedded default world (ignored when ``data.source`` is not ``embedded``)."""
 
     n_reasoning: int = Field(3000, ge=10)
@@ -45,7 +27,7 @@ class WorldConfig(_Section):
     vocab_size: int = Field(512, ge=280, le=4096)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where prompts come from: the embedded world, or the user's own JSONL / datasets files."""
 
     source: Literal["embedded", "jsonl", "datasets"] = "embedded"
@@ -74,103 +56,7 @@ class DataConfig(_Section):
         return self
 
 
-class ArchConfig(_Section):
-    """A Llama-style model built from scratch (only used when no ``path`` is given)."""
-
-    hidden_size: int = Field(96, ge=8)
-    num_layers: int = Field(3, ge=1)
-    intermediate_size: int = Field(288, ge=8)
-    num_heads: int = Field(4, ge=1)
-    max_positions: int = Field(160, ge=16)
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ArchConfig:
-        if self.hidden_size % self.num_heads:
-            raise ValueError("hidden_size must be divisible by num_heads")
-        return self
-
-
-class SFTConfig(_Section):
-    """Supervised training of a model from scratch on the prepared train split."""
-
-    steps: int = Field(400, ge=0)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(3e-3, gt=0.0, le=1.0)
-    warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    tasks: list[Task] = list(TASKS)
-    # Safety rows of only these harm categories (null = all): a partly aligned model.
-    safety_categories: list[Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]] | None = None
-    # Embedded world only: "cautious" also trains on constitution-wrapped copies of the rows with
-    # over-cautious answers (opd/world/behaviour.py), the problem setting COPSD addresses.
-    constitution_mode: Literal["none", "cautious"] = "none"
-    # Reasoning rows of these categories (problem types) get a wrong final answer: a teacher of
-    # controlled reliability, for studying what the FiRe filter does when the teacher errs.
-    wrong_answer_categories: list[Annotated[str, StringConstraints(pattern=CATEGORY_PATTERN)]] = []
-
-
-class InitConfig(_Section):
-    """The student derived from the teacher by layer pruning (``student.init``): the teacher's
-    embeddings, norm, head, tokenizer and chat template, and a subset of its decoder layers."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
-    from_: Literal["teacher"] = Field("teacher", alias="from")
-    keep_layers: list[int] | None = None  # explicit indices, e.g. [0, 10, 20, 29]
-    n_layers: int | None = Field(None, ge=1)  # or K evenly spaced layers (first and last kept)
-
-    @model_validator(mode="after")
-    def _one_choice(self) -> InitConfig:
-        if (self.keep_layers is None) == (self.n_layers is None):
-            raise ValueError("student.init: set exactly one of keep_layers or n_layers")
-        return self
-
-
-class ServerConfig(_Section):
-    """A teacher scored by an OpenAI-compatible completions server (``vllm serve``, ``python -m flows
-    serve-teacher``) instead of loaded in every process (opd/remote.py, docs/teacher-server.md)."""
-
-    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+")]  # http(s)://host:port; the API key from $OPD_TEACHER_API_KEY
-    model: str | None = None  # the served model's id (null: the server's first model)
-    top_k: int = Field(20, ge=1)  # the distribution terms (gkd, fkl_coef, teacher entropy) use top-k + a tail bucket
-    timeout_s: float = Field(120.0, gt=0)  # one request's whole budget, retries with backoff included
-    max_batch_tokens: int = Field(8192, ge=1)  # prompt + response tokens per request; requests go concurrently
-    concurrency: int = Field(4, ge=1)
-
-    @field_validator("url")
-    @classmethod
-    def _no_credentials(cls, url: str) -> str:
-        from urllib.parse import urlsplit
-
-        if "@" in urlsplit(url).netloc:
-            raise ValueError("the URL holds credentials, which params.yaml, dvc.lock and MLflow would keep: give the "
-                             "address alone and the server's API key in OPD_TEACHER_API_KEY")
-        return url.rstrip("/")
-
-
-class ModelConfig(_Section):
-    """A teacher or the student: a local folder, or an architecture trained in the teacher stage.
-    The student may instead be pruned from the teacher (``init``), then SFT-ed when ``sft.steps`` > 0."""
-
-    path: str | None = None
-    arch: ArchConfig = ArchConfig()
-    sft: SFTConfig = SFTConfig()
-    init: InitConfig | None = None
-
-    @model_validator(mode="after")
-    def _path_or_init(self) -> ModelConfig:
-        if self.path and self.init:
-            raise ValueError("set either path or init (a student pruned from the teacher), not both")
-        return self
-
-
-class TeacherConfig(ModelConfig):
-    """A teacher: a model folder or architecture (:class:`ModelConfig`), optionally scored by a server
-    (``server``), whose folder then still gives the tokenizer and chat template."""
-
-    server: ServerConfig | None = None
-
-
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     backend: Literal["transformers", "vllm"] = "transformers"
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -188,7 +74,7 @@ class RolloutConfig(_Section):
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
-class FireConfig(_Section):
+class FireConfig(Section):
     """FiRe-OPD (docs/algorithms.md, section 3) and its ablations, used by ``distill.method: fire``."""
 
     filter: bool = False  # drop trajectories whose teacher mean log-prob is below the batch quantile (off: fire_study)
@@ -201,7 +87,7 @@ class FireConfig(_Section):
     select_rho: float = Field(0.5, gt=0.0, le=1.0)
 
 
-class CopsdConfig(_Section):
+class CopsdConfig(Section):
     """COPSD's distillation (docs/algorithms.md, sections 4-5), used by ``distill.method: copsd``."""
 
     n: int = Field(8, ge=2)  # samples per prompt (the group of the advantage normalisation)
@@ -242,7 +128,7 @@ class CopsdConfig(_Section):
         return self
 
 
-class CrossSFTConfig(_Section):
+class CrossSFTConfig(Section):
     """The cross_sft stage: recalibrate the teacher on two crossed sources (docs/algorithms.md, sections 4-5)."""
 
     epochs: int = Field(2, ge=1)
@@ -258,9 +144,12 @@ class CrossSFTConfig(_Section):
     # (b) safety prompts answered by the oracle: null = the rows' reference refusals, or a local
     # model folder that answers the constitution-wrapped prompt (greedy)
     oracle: str | None = None
+    # LoRA adapters on the teacher instead of a full fine-tune (merged into the saved teacher): a 1.5B
+    # teacher's full fine-tune holds ~28 GB (fp32 weights, gradients, AdamW moments)
+    lora: LoraConfig | None = None
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     method: MethodName = "opd"
     # single: every row is scored by `teacher`; by_row: a row's `teacher` field names one of
     # `teachers` (rows without one use `teacher`).
@@ -308,7 +197,7 @@ class DistillConfig(_Section):
     step_tasks: bool = True
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     max_new_tokens: int = Field(48, ge=1)
     # a task's own budget where its answers are longer (a real model's worked solutions: reasoning 192+)
     max_new_tokens_by_task: dict[Task, Annotated[int, Field(ge=1)]] = {}
@@ -320,15 +209,7 @@ class EvaluateConfig(_Section):
     generations_logged: int = Field(24, ge=0)
 
 
-_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]*@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the user and password of every URI in it replaced by ``***`` (messages, params)."""
-    return _USERINFO.sub(r"\1***@", text)
-
-
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """MLflow: ``MLFLOW_TRACKING_URI`` wins over ``uri``; default a SQLite store in the project."""
 
     uri: str | None = None
@@ -352,7 +233,7 @@ EVAL_METRICS = ("reasoning_accuracy", "reasoning_pass1", "harmful_refusal", "ove
                 "borderline_helpfulness", "response_length", "token_entropy")
 
 
-class PromoteConfig(_Section):
+class PromoteConfig(Section):
     """The gate a challenger must pass to become champion (eval metrics of the student)."""
 
     metric: Literal[EVAL_METRICS] = "reasoning_accuracy"  # type: ignore[valid-type]  (a typo never promotes)
@@ -365,7 +246,7 @@ class PromoteConfig(_Section):
     max_over_refusal: float = Field(0.9, ge=0.0, le=1.0)
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     """A deployment of opd_pipeline on this cron schedule: served by one process (``python -m flows
     serve``) or placed on a Prefect work pool (``python -m flows deploy``) whose workers run it."""
 
@@ -380,7 +261,7 @@ class ScheduleConfig(_Section):
         return self
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # torch.set_num_threads; 0 = the cores this process may use (its CPU affinity), shared evenly by the
     # processes of one launch. On a shared machine set it (1 thread was 19x faster than all cores there).
@@ -396,45 +277,3 @@ class RuntimeConfig(_Section):
     # page faults for the same large tensors: mimalloc (preloaded by python -m flows; reuse certain), glibc
     # (mallopt; reuse in most steps), system (neither). Resident memory stays at its peak with the first two.
     allocator: Literal["mimalloc", "glibc", "system"] = "mimalloc"
-
-
-class Params(_Section):
-    """The whole params.yaml."""
-
-    @model_validator(mode="after")
-    def _routing_needs_teachers(self) -> Params:
-        if self.distill.routing == "by_row" and not self.teachers:
-            raise ValueError("distill.routing: by_row needs named teachers under `teachers:`")
-        bad = sorted(n for n in self.teachers if n == DEFAULT_TEACHER or not n.isidentifier())
-        if bad:
-            raise ValueError(f"teachers: invalid teacher names {bad} (identifiers, not 'default')")
-        if self.teacher.init or any(t.init for t in self.teachers.values()):
-            raise ValueError("init (pruning from the teacher) is a student setting: student.init")
-        if self.teacher.server and self.distill.method == "copsd" and self.copsd.teacher != "original":
-            raise ValueError(f"teacher.server serves the original teacher, but copsd.teacher is {self.copsd.teacher!r} "
-                             "(a model trained or held here): set copsd.teacher: original, or serve that model and "
-                             "point teacher.server at it with copsd.teacher: original")
-        if self.rollout.dtype != "fp32" and (self.rollout.backend != "transformers" or self.runtime.strategy != "ddp"):
-            raise ValueError("rollout.dtype: a half-precision sampler copy is for backend transformers under ddp "
-                             "(vLLM has its own dtype; FSDP2 shards the student, so no whole copy exists)")
-        return self
-
-    seed: int = Field(0, ge=0)
-    world: WorldConfig = WorldConfig()
-    data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig(sft=SFTConfig(constitution_mode="cautious"))
-    student: ModelConfig = ModelConfig(
-        arch=ArchConfig(hidden_size=64, num_layers=2, intermediate_size=192, num_heads=4),
-        sft=SFTConfig(steps=250, safety_categories=["violence", "illegal"]),
-    )
-    teachers: dict[str, TeacherConfig] = {}  # named extra teachers (multi-teacher routing)
-    rollout: RolloutConfig = RolloutConfig()
-    distill: DistillConfig = DistillConfig()
-    fire: FireConfig = FireConfig()
-    copsd: CopsdConfig = CopsdConfig()
-    cross_sft: CrossSFTConfig = CrossSFTConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    promote: PromoteConfig = PromoteConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    runtime: RuntimeConfig = RuntimeConfig()

@@ -20,6 +20,10 @@ import sys
 import time
 
 GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
+# The group's first process (python -c, so that nothing is imported and the command's environment is
+# exactly the one given): wait for the go on the pipe FD, then become the command; exit if it never comes.
+EXEC_WHEN_WATCHED = ("import os, sys; fd = int(sys.argv[1]); said = os.read(fd, 2); os.close(fd); "
+                     "sys.exit(1) if said != b'go' else os.execvp(sys.argv[2], sys.argv[2:])")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -46,10 +50,19 @@ def end_group(pgid: int, grace: float = GRACE_S) -> None:
 
 def run_in_group(cmd: list[str]) -> int:
     """Run ``cmd`` in its own process group; return its exit code. The group is ended when this
-    process exits (normally, by a signal, or killed: then by the watcher)."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    process exits (normally, by a signal, or killed: then by the watcher).
+
+    The group's first process waits on a pipe and becomes ``cmd`` only once the watcher runs: a kill
+    between starting the command and starting its watcher (CI caught one) would otherwise leave the
+    command unwatched. Killed before the go, the pipe closes and the waiting process exits instead."""
+    ready, go = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", EXEC_WHEN_WATCHED, str(ready), *cmd], start_new_session=True,
+                            pass_fds=(ready,))
+    os.close(ready)
     watcher = subprocess.Popen([sys.executable, "-m", "tasks.process_group", str(os.getpid()), str(proc.pid)],
                                stdin=subprocess.DEVNULL, start_new_session=True)
+    os.write(go, b"go")
+    os.close(go)
     previous = {sig: signal.signal(sig, lambda sig, _: os.killpg(proc.pid, sig)) for sig in FORWARDED}
     try:
         return proc.wait()

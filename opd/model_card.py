@@ -100,10 +100,14 @@ def model_card(params: Params, teacher: Path | str, student_init: Path | str, su
     if params.teachers and d.routing == "by_row":
         lines.append("- Further teachers, by row: " + ", ".join(f"`{n}`" for n in params.teachers))
     flat = to_flat_dict(params)
-    settings = [[k, v] for k, v in flat.items() if k.split(".")[0] in ("distill", "rollout", *METHOD_SECTIONS.get(method, ()))]
+    settings = [[k, v] for k, v in flat.items() if k.split(".")[0] in ("distill", "rollout", *METHOD_SECTIONS.get(method, ()))
+                or (params.student.lora and k.startswith("student.lora."))]
     final = {k: v for k, v in (summary.get("final") or {}).items() if k not in ("step", "tokens_per_s", "seconds")}
+    lora = summary.get("lora")
+    how = (f" LoRA adapters ({lora['trainable_parameters']:,} of {lora['parameters']:,} parameters trained), merged into "
+           "this folder's weights." if lora else "")
     lines += ["", "## Training", "", f"{summary.get('steps', d.steps)} steps over {summary.get('processes', 1)} "
-              "process(es). Settings (from params.yaml):", "", *_table(["setting", "value"], settings)]
+              f"process(es).{how} Settings (from params.yaml):", "", *_table(["setting", "value"], settings)]
     if final:
         lines += ["", "Last step:", "", *_table(["metric", "value"], [[k, v] for k, v in sorted(final.items())])]
     lines += ["", EVALUATION, "", *_evaluation(params, evaluation), "", "## Use", "",

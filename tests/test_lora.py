@@ -184,6 +184,8 @@ def test_copsd_self_with_lora_checkpoints_adapters_only_resumes_exactly_and_save
         changed += int(not torch.equal(merged[name], w))
     assert changed == 3  # q, v and down projections of the tiny student's one layer
     assert type(load_model(out)).__name__ == "LlamaForCausalLM"  # plain from_pretrained, no PEFT
+    card = (out / "README.md").read_text()
+    assert "LoRA adapters (" in card and "merged into this folder's weights" in card and "| student.lora.r | 4 |" in card
 
 
 def test_lora_settings_are_checked_at_start(base):

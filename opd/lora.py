@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from opd.config import LoraConfig
+from opd.models import count_parameters
 
 ADAPTER_DIR = "adapter"
 
@@ -143,4 +144,4 @@ def merged(keep_adapter: bool) -> Any:
 def counts(model: torch.nn.Module) -> dict[str, int]:
     """Trainable and total parameters (the adapters and the whole model, base included)."""
     return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": count_parameters(model)}

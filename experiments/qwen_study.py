@@ -11,6 +11,10 @@ Every run starts from the same initial student (the 0.5B as shipped) with the re
 - ``COPSD self``: ``distill.method: copsd``, ``copsd.teacher: self`` (the paper's self-distillation),
   with the project's default mass-covering term (``copsd.fkl_coef: 0.5``); ``constitution OPSD self``:
   the same without it (the plain token-level teacher reward of the paper);
+- ``COPSD Cross-SFT``: the 1.5B recalibrated by the cross_sft stage (LoRA adapters, merged), reading
+  the constitution, as COPSD's teacher; the Cross-SFT teacher itself is also evaluated with the
+  constitution (``COPSD Cross-SFT teacher (x_c)``), so the student's over-refusal sits next to its teacher's;
+  ``COPSD original teacher``: its control, the same 1.5B reading the constitution without Cross-SFT;
 - ``OPD`` / ``FiRe`` (reweight only, the default) / ``GKD``: the 1.5B teaching the 0.5B on the word
   problems alone (``distill.tasks: [reasoning]``), rollouts long enough for a worked solution.
 
@@ -49,6 +53,8 @@ from opd.constitution import wrap  # noqa: E402
 from opd.data import write_json  # noqa: E402
 from opd.evaluate import evaluate_model, load_detector  # noqa: E402
 from opd.models import dtype_of, load_model, load_tokenizer  # noqa: E402
+from opd.cross_sft import cross_sft_stage  # noqa: E402
+from opd.methods.copsd import Copsd  # noqa: E402
 from opd.stages import distill_stage, evaluate_stage  # noqa: E402
 from opd.constitution import constitutions_of
 from opd.data import load_rows
@@ -60,6 +66,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "FiRe (reasoning)": {"distill.method": "fire", **REASONING},
     "constitution OPSD self": {"distill.method": "copsd", "copsd.teacher": "self", "copsd.fkl_coef": 0.0},
     "GKD (reasoning)": {"distill.method": "gkd", **REASONING},
+    # the 1.5B recalibrated by Cross-SFT (LoRA: a full fine-tune of the 1.5B holds ~28 GB), reading the
+    # constitution; LoRA's usual 10x the full fine-tune's lr
+    # the control for Cross-SFT: the same 1.5B reading the constitution, not recalibrated
+    "COPSD original teacher": {"distill.method": "copsd", "copsd.teacher": "original"},
+    "COPSD Cross-SFT": {"distill.method": "copsd", "copsd.teacher": "cross_sft", "cross_sft.lr": 1.0e-4,
+                        "cross_sft.lora": {"r": 16, "alpha": 32.0, "target_modules": "all-linear"}},
 }
 # (metric, per-sample field, which rows): the paired per-prompt outcomes the differences are taken on
 PAIRED = [("harmful refusal", "refused", "safety"), ("over-refusal", "refused", "borderline"),
@@ -142,26 +154,42 @@ def main() -> None:
         # each run in a process of its own: a 0.5B student with its AdamW state is ~8 GB, and a process
         # that keeps freed memory (runtime.allocator) would not give it back between runs
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            metrics, gens, secs, curve = pool.submit(run_one, name, str(root), common, str(work)).result()
-        save(name, metrics, gens, seconds=secs, curve=curve)
+            metrics, gens, secs, curve, extra = pool.submit(run_one, name, str(root), common, str(work)).result()
+        if "teacher" in extra:  # the Cross-SFT teacher, with the constitution (as the distill stage reads it)
+            t_metrics, t_gens, t_secs = extra.pop("teacher")
+            save(f"{name} teacher (x_c)", t_metrics, t_gens, seconds=t_secs)
+        save(name, metrics, gens, seconds=secs, curve=curve, **extra)
     write(results, args.out)
 
 
-def run_one(name: str, root: str, common: dict[str, Any], work: str) -> tuple[dict[str, float], list[dict[str, Any]], float, list[dict[str, Any]]]:
-    """Distil the initial student with one run's settings, evaluate it (in a worker process)."""
+def run_one(name: str, root: str, common: dict[str, Any], work: str) -> tuple[
+        dict[str, float], list[dict[str, Any]], float, list[dict[str, Any]], dict[str, Any]]:
+    """Distil the initial student with one run's settings, evaluate it (in a worker process). With
+    ``copsd.teacher: cross_sft`` the cross_sft stage runs first (its folder is kept: the teacher is
+    evaluated with the constitution too, and a rerun of the distillation reuses it)."""
     os.chdir(root)
     wdir, prepared = Path(work), Path(root) / "data" / "prepared"
     p = load(Path(root) / "params.yaml", {**common, **RUNS[name], "distill.checkpoint_every": 10**6})
     tag = name.replace(" ", "_").replace("(", "").replace(")", "")
-    out, ckpt = wdir / f"student-{tag}", wdir / f"ckpt-{tag}"
+    out, ckpt, cross = wdir / f"student-{tag}", wdir / f"ckpt-{tag}", wdir / f"cross-{tag}"
+    extra: dict[str, Any] = {}
+    if p.distill.method == "copsd" and p.copsd.teacher == "cross_sft":
+        t0 = time.perf_counter()
+        if not (cross / "teacher").is_dir():
+            cross_sft_stage(p, prepared, wdir / "base", cross, wdir / f"ckpt-cross-{tag}")
+        extra["cross_sft"] = {**json.loads((cross / "mix.json").read_text()), "seconds": time.perf_counter() - t0}
+    if p.distill.method == "copsd" and p.copsd.teacher != "self":  # (self: the "self teacher (x_c)" row)
+        t0 = time.perf_counter()
+        t_metrics, t_gens = on_constitution(p, prepared, Copsd().teacher_path(p, wdir / "base", cross))
+        extra["teacher"] = (t_metrics, t_gens, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    _, history = distill_stage(p, prepared, wdir / "base", wdir / "cross", out, ckpt)
+    _, history = distill_stage(p, prepared, wdir / "base", cross, out, ckpt)
     secs = time.perf_counter() - t0
     table, gens = evaluate_stage(p, prepared, {"s": out})
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(ckpt, ignore_errors=True)
     curve = [{k: h[k] for k in ("step", "loss", "response_length", "student_entropy") if k in h} for h in history]
-    return table["s"], gens["s"], secs, curve
+    return table["s"], gens["s"], secs, curve, extra
 
 
 def write(results: dict[str, Any], out: Path) -> None:

@@ -5,10 +5,12 @@
     python benchmarks/opd_step.py --real models/real/teacher --data data/real [--n-layers 8] [--batch 4]
 
 ``--real``: the real pair instead of the tiny one: the teacher folder (SmolLM2-135M-Instruct from
-``python -m flows import-model``), the student pruned from it to ``--n-layers`` evenly spaced layers,
-its tokenizer and chat template, the train prompts of ``--data`` (``python -m flows real-data``),
-``--new-tokens`` (64) new tokens, and TRL 1.16's ``DistillationTrainer`` (on-policy, chunked
-generalised JSD at ``beta=1``: reverse KL) as a fourth side. Writes ``opd_step_real.json``.
+``python -m flows import-model``), the student pruned from it to ``--n-layers`` evenly spaced layers
+or, with ``--student``, a student folder of its own (the Qwen pair: ``--real models/real/teacher
+--student models/real/student`` in the ``make real PAIR=qwen`` work tree), the teacher's tokenizer and
+chat template, the train prompts of ``--data`` (``python -m flows real-data``), ``--new-tokens`` (64)
+new tokens, and TRL 1.16's ``DistillationTrainer`` (on-policy, chunked generalised JSD at ``beta=1``:
+reverse KL) as a fourth side. Writes ``opd_step_real.json`` (``--out`` to name another file).
 
 The comparison setup of docs/peers.md, identical on every side: teacher Llama (hidden 128,
 4 layers, intermediate 384, 4 heads), student (hidden 96, 2 layers, intermediate 256), both built
@@ -30,9 +32,11 @@ optimiser step.
   (``rollout.dtype: bf16``), where TRL's ``generate`` runs outside autocast on the fp32 student. For
   CPUs with bf16 dot products (AVX512-BF16, AMX) and GPUs.
 - ``trl-distill-keep`` and ``trl-distill-bf16-keep``: TRL given the engine's allocator
-  (``runtime.allocator``, :mod:`opd.allocator`; ``--allocator``, default mimalloc), so the ratio to
-  the faster TRL side is not the allocator's doing. The engine sides and the ``-keep`` sides start
-  with mimalloc preloaded as ``python -m flows`` starts a stage; the other TRL sides with glibc as shipped.
+  (``runtime.allocator``, :mod:`opd.allocator`; ``--allocator``, default mimalloc), so a ratio is not
+  the allocator's doing. The engine sides and the ``-keep`` sides start with mimalloc preloaded as
+  ``python -m flows`` starts a stage; the other TRL sides with glibc as shipped.
+- ``engine-opd-system`` and ``engine-opd-bf16-system``: the engine without it (``runtime.allocator:
+  system``, glibc as shipped), the allocator setting off on both sides.
 
 Each measurement is a fresh subprocess (an allocator keeps freed memory, and a preloaded one serves
 the whole process, so sides must not share a process); sides are interleaved round by round so drift on a shared machine hits all of them.
@@ -41,8 +45,12 @@ peak memory is the growth of resident memory (CPU) or ``max_memory_allocated`` (
 before the first timed step, and the peak itself (RSS MB, models included: the fair figure when
 one side keeps freed memory resident). The script also checks that the engine's generalised JSD equals TRL's
 ``generalized_jsd_loss`` on the same logits (float64, beta 0 / 0.5 / 1, masked tokens).
-Prints a table, the engine-opd step's seconds by unit (rollout, teacher score, shape, update), and
-writes ``benchmarks/results/opd_step.json``.
+Prints a table, the paired ratios (each engine side over each TRL side, either precision, round by
+round: median and range over rounds, never "the faster TRL" picked by a median), every side's seconds
+per step by unit (engine: rollout, teacher score, shape, update; ``DistillationTrainer``: rollout
+(``generate``), teacher score (its backbone forward), student forward + loss, backward + optimiser
+step + Trainer), and writes ``benchmarks/results/opd_step.json``. ``benchmarks/roofline.py`` reads a
+``--real`` result and adds each side's fraction of this CPU's lower bound on the step.
 """
 
 from __future__ import annotations
@@ -70,9 +78,9 @@ TEACHER = ArchConfig(hidden_size=128, num_layers=4, intermediate_size=384, num_h
 STUDENT = ArchConfig(hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4, max_positions=256)
 BATCH, NEW_TOKENS, LR = 16, 48, 1e-5
 SIDES = ("engine-gkd", "engine-opd", "trl-gkd", "trl-distill", "engine-opd-bf16", "trl-distill-bf16", "trl-distill-keep",
-         "trl-distill-bf16-keep")
+         "trl-distill-bf16-keep", "engine-opd-system", "engine-opd-bf16-system")
 PREPARED = ROOT / "data" / "prepared"
-REAL: dict[str, str] = {}  # --real: {"teacher": folder, "data": folder, "n_layers": str}
+REAL: dict[str, str] = {}  # --real: {"teacher": folder, "data": folder, "n_layers": str[, "student": folder]}
 ALLOCATOR: dict[str, str] = {}  # this measurement's runtime.allocator, and the one in effect
 
 
@@ -111,21 +119,27 @@ def train_rows(data: str) -> list:
     return [r for r in records_to_rows(load_user_records("jsonl", data)) if r.split == "train"]
 
 
-def real_pair(teacher_dir: str, data: str, n_layers: int):
-    """(tokenizer, student, teacher, train rows): a teacher folder, the student pruned from it as the
-    teacher stage prunes (``student.init: {n_layers: K}``), and the train split of a data folder."""
+def real_pair(teacher_dir: str, data: str, n_layers: int, student_dir: str | None = None):
+    """(tokenizer, student, teacher, train rows): a teacher folder, the student folder or, without one, the
+    student pruned from the teacher as the teacher stage prunes (``student.init: {n_layers: K}``), and the
+    train split of a data folder."""
     from opd.config import InitConfig
-    from opd.models import load_model
+    from opd.models import check_compatible, load_model
     from opd.stages import pruned_student
 
-    student, _ = pruned_student(Path(teacher_dir), InitConfig(n_layers=n_layers))
-    return load_tokenizer(teacher_dir), student, load_model(teacher_dir), train_rows(data)
+    tok = load_tokenizer(teacher_dir)
+    if student_dir:
+        check_compatible(tok, load_tokenizer(student_dir), "--student")
+        student = load_model(student_dir)
+    else:
+        student, _ = pruned_student(Path(teacher_dir), InitConfig(n_layers=n_layers))
+    return tok, student, load_model(teacher_dir), train_rows(data)
 
 
 def _setup():
     """(tokenizer, student, teacher, rows): the tiny pair on the prepared world, or the real pair."""
     if REAL:
-        return real_pair(REAL["teacher"], REAL["data"], int(REAL["n_layers"]))
+        return real_pair(REAL["teacher"], REAL["data"], int(REAL["n_layers"]), REAL.get("student"))
     tok = load_tokenizer(PREPARED / "tokenizer")
     return tok, build_llama(STUDENT, tok, 1), build_llama(TEACHER, tok, 0), load_rows(PREPARED, "train")
 
@@ -205,12 +219,32 @@ def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd", bf16: bool
 
         class Counting(DistillationTrainer):  # its training_step receives raw prompts and generates inside
             def _generate_and_score_completions(self, inputs):
+                t0 = time.perf_counter()
                 out = super()._generate_and_score_completions(inputs)
+                clock("rollout", t0)
                 tokens.append(float(out["completion_mask"].sum()))  # the generated completion tokens
+                return out
+
+            def _get_last_hidden_state(self, model, *a, **k):
+                t0 = time.perf_counter()
+                out = super()._get_last_hidden_state(model, *a, **k)
+                if model is self.accelerator.unwrap_model(self.teacher_model):
+                    clock("teacher score", t0)
+                return out
+
+            def compute_loss(self, *a, **k):
+                t0 = time.perf_counter()
+                out = super().compute_loss(*a, **k)
+                clock("forward + loss", t0)
                 return out
 
     marks: list[float] = []
     peak: list[Peak] = []
+    units: dict[str, float] = {}  # seconds of the timed steps by unit (DistillationTrainer)
+
+    def clock(name: str, t0: float) -> None:
+        if peak:  # after the warmup steps
+            units[name] = units.get(name, 0.0) + time.perf_counter() - t0
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -229,8 +263,12 @@ def run_trl(steps: int, warmup: int, seed: int, trainer: str = "gkd", bf16: bool
             cfg = DistillationConfig(output_dir=tmp, max_completion_length=NEW_TOKENS, **common)
         Counting(model=student, teacher_model=teacher, args=cfg, train_dataset=data, processing_class=tok,
                  callbacks=[Clock()]).train()
-    return {"seconds": marks[-1] - marks[warmup - 1], "tokens": sum(tokens[warmup:]), "peak_mb": peak[0].read(),
-            "step_rss_mb": peak[0].absolute()}
+    seconds = marks[-1] - marks[warmup - 1]
+    if units:  # compute_loss includes the teacher's forward; the rest of a step is backward + optimiser + Trainer
+        units["forward + loss"] -= units.get("teacher score", 0.0)
+        units["backward + update"] = seconds - sum(units.values())
+    return {"seconds": seconds, "tokens": sum(tokens[warmup:]), "peak_mb": peak[0].read(),
+            "step_rss_mb": peak[0].absolute(), "units": {k: v / steps for k, v in units.items()}}
 
 
 def loss_check() -> dict[str, float]:
@@ -252,9 +290,47 @@ def loss_check() -> dict[str, float]:
     return out
 
 
+def report(runs: dict[str, list[dict]], steps: int) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+    """Print the table, the paired ratios and the step by unit; return (summary by side, paired ratios).
+
+    Paired: every engine side against every TRL side (either precision), round by round: the same
+    round ran both within minutes, so drift of a shared machine cancels; the median and range over
+    rounds, never a ratio of medians that picks "the faster TRL" after the fact."""
+    summary = {}
+    for side, rs in runs.items():
+        tps = [x["tokens_per_s"] for x in rs]
+        summary[side] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps),
+                         "tokens_per_s_max": max(tps), "s_per_step": statistics.median(x["s_per_step"] for x in rs),
+                         "peak_mb": statistics.median(x["peak_mb"] for x in rs),
+                         "step_rss_mb": statistics.median(x["step_rss_mb"] for x in rs),
+                         "tokens_per_step": statistics.median(x["tokens"] / steps for x in rs)}
+    print(f"\n{'side':22s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>7s} | {'tok/step':>8s} | "
+          f"{'peak MB':>7s} | {'RSS MB':>7s} | allocator")
+    print("-" * 105)
+    for side, s in summary.items():
+        print(f"{side:22s} | {s['tokens_per_s']:12.1f} | {s['tokens_per_s_min']:6.1f}-{s['tokens_per_s_max']:<6.1f} | "
+              f"{s['s_per_step']:7.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {s['step_rss_mb']:7.0f} | "
+              f"{runs[side][0]['allocator']}")
+    # round by round: each engine side against each TRL side, in the same round
+    paired: dict[str, dict[str, float]] = {}
+    print("\npaired ratios, engine / TRL tokens/s in the same round (median [min, max] over rounds):")
+    for e in (k for k in runs if k.startswith("engine-")):
+        for t in (k for k in runs if k.startswith("trl-")):
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[e], runs[t], strict=True)]
+            paired[f"{e} / {t}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            print(f"  {e} / {t}: {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]")
+    for side, rs in runs.items():  # where a step's time goes (engine opd: its four units; TRL distill: four)
+        per = {k: statistics.median(x["units"][k] for x in rs) for k in rs[0].get("units", {})}
+        if per:
+            summary[side]["s_per_unit"] = per
+            total = sum(per.values())
+            print(f"{side} s/step by unit: " + ", ".join(f"{k} {v:.3f} ({v / total:.0%})" for k, v in per.items()))
+    return summary, paired
+
+
 def with_allocator(side: str) -> bool:
-    """The engine's sides and TRL's ``-keep`` sides run with the engine's allocator."""
-    return side.startswith("engine-") or side.endswith("-keep")
+    """The engine's sides (but ``-system``) and TRL's ``-keep`` sides run with the engine's allocator."""
+    return (side.startswith("engine-") and not side.endswith("-system")) or side.endswith("-keep")
 
 
 def measure(side: str, steps: int, warmup: int, seed: int, allocator: str) -> dict[str, float]:
@@ -282,17 +358,28 @@ def main() -> None:
     ap.add_argument("--real", default=None, metavar="TEACHER_DIR", help="benchmark the real pair (see above)")
     ap.add_argument("--data", default="data/real", help="--real: the recipe's data folder")
     ap.add_argument("--n-layers", type=int, default=8, help="--real: the student's layers, pruned from the teacher")
+    ap.add_argument("--student", default=None, metavar="STUDENT_DIR", help="--real: a student folder instead of pruning")
+    ap.add_argument("--out", type=Path, default=None, help="the result file (default benchmarks/results/opd_step[_real].json)")
     ap.add_argument("--batch", type=int, default=None, help=f"prompts per step (default {BATCH}; --real: 4)")
     ap.add_argument("--new-tokens", type=int, default=None, help=f"new tokens (default {NEW_TOKENS}; --real: 64)")
     ap.add_argument("--allocator", default="mimalloc", choices=["mimalloc", "glibc"],
                     help="runtime.allocator of the engine's and the -keep sides")
+    ap.add_argument("--summarize", type=Path, default=None, metavar="RESULT_JSON",
+                    help="print the tables of a saved result again (and update its summary), measure nothing")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one measurement
     args = ap.parse_args()
+    if args.summarize:
+        res = json.loads(args.summarize.read_text())
+        res["summary"], res["paired"] = report(res["runs"], res["steps"])
+        args.summarize.write_text(json.dumps(res, indent=2) + "\n")
+        return
     BATCH = args.batch or (4 if args.real else BATCH)
     NEW_TOKENS = args.new_tokens or (64 if args.real else NEW_TOKENS)
     if args.real:  # absolute: the measurements run as children in ROOT
         args.real, args.data = str(Path(args.real).resolve()), str(Path(args.data).resolve())
         REAL.update(teacher=args.real, data=args.data, n_layers=str(args.n_layers))
+        if args.student:
+            REAL["student"] = str(Path(args.student).resolve())
     sides = args.sides or list(SIDES[:4] if args.real else SIDES[:3])
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.warmup, args.rounds, args.allocator)))
@@ -306,6 +393,7 @@ def main() -> None:
                    "--rounds", str(r), "--batch", str(BATCH), "--new-tokens", str(NEW_TOKENS), "--allocator", args.allocator]
             if args.real:
                 cmd += ["--real", args.real, "--data", args.data, "--n-layers", str(args.n_layers)]
+                cmd += ["--student", REAL["student"]] if "student" in REAL else []
             env = preload_env(args.allocator) if with_allocator(side) else None  # as python -m flows starts a stage
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             if proc.returncode:
@@ -319,47 +407,11 @@ def main() -> None:
                   f"({res['allocator']})",
                   flush=True)
     check = loss_check()
-    summary = {}
-    for side, rs in runs.items():
-        tps = [x["tokens_per_s"] for x in rs]
-        summary[side] = {"tokens_per_s": statistics.median(tps), "tokens_per_s_min": min(tps),
-                         "tokens_per_s_max": max(tps), "s_per_step": statistics.median(x["s_per_step"] for x in rs),
-                         "peak_mb": statistics.median(x["peak_mb"] for x in rs),
-                         "step_rss_mb": statistics.median(x["step_rss_mb"] for x in rs),
-                         "tokens_per_step": statistics.median(x["tokens"] / args.steps for x in rs)}
-    def faster_trl(side: str) -> dict[str, float] | None:
-        """The faster TRL trainer at the side's precision (fp32 sides against fp32 TRL, bf16 against bf16)."""
-        trl = [s for k, s in summary.items() if k.startswith("trl-") and ("-bf16" in k) == ("-bf16" in side)]
-        return max(trl, key=lambda s: s["tokens_per_s"]) if trl else None
-
-    print(f"\n{'side':21s} | {'tok/s median':>12s} | {'min-max':>13s} | {'s/step':>6s} | {'tok/step':>8s} | "
-          f"{'peak MB':>7s} | {'RSS MB':>10s} | vs faster TRL, same precision")
-    print("-" * 113)
-    for side, s in summary.items():
-        base = faster_trl(side)
-        ratio = f"{s['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        s["vs_faster_trl"] = s["tokens_per_s"] / base["tokens_per_s"] if base else None
-        print(f"{side:21s} | {s['tokens_per_s']:12.0f} | {s['tokens_per_s_min']:6.0f}-{s['tokens_per_s_max']:<6.0f} | "
-              f"{s['s_per_step']:6.3f} | {s['tokens_per_step']:8.0f} | {s['peak_mb']:7.0f} | {s['step_rss_mb']:10.0f} | "
-              f"{ratio}")
-    # round by round: each engine side against each TRL side of its precision, in the same round
-    paired: dict[str, dict[str, float]] = {}
-    print("\npaired ratios, engine / TRL tokens/s in the same round (median [min, max] over rounds):")
-    for e in (k for k in runs if k.startswith("engine-")):
-        for t in (k for k in runs if k.startswith("trl-") and ("-bf16" in k) == ("-bf16" in e)):
-            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs[e], runs[t], strict=True)]
-            paired[f"{e} / {t}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-            print(f"  {e} / {t}: {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]")
-    for side, rs in runs.items():  # where an engine step's time goes (opd: its four units)
-        per = {k: statistics.median(x["units"][k] for x in rs) for k in rs[0].get("units", {})}
-        if per:
-            summary[side]["s_per_unit"] = per
-            total = sum(per.values())
-            print(f"{side} s/step by unit: " + ", ".join(f"{k} {v:.3f} ({v / total:.0%})" for k, v in per.items()))
+    summary, paired = report(runs, args.steps)
     print("\nengine GKD loss vs TRL generalized_jsd_loss, max |diff| (float64):",
           ", ".join(f"{k}: {v:.1e}" for k, v in check.items()))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    out = ROOT / "benchmarks" / "results" / ("opd_step_real.json" if args.real else "opd_step.json")
+    out = args.out or ROOT / "benchmarks" / "results" / ("opd_step_real.json" if args.real else "opd_step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "rounds": args.rounds,
                                "steps": args.steps, "batch": BATCH, "new_tokens": NEW_TOKENS, "real": REAL or None,

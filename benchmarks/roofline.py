@@ -1,7 +1,7 @@
 """A lower bound on one OPD step of ``benchmarks/opd_step.py --real``, from this machine's measured
 memory bandwidth and matmul rate, next to each side's measured step time.
 
-    python benchmarks/roofline.py [--result benchmarks/results/opd_step_real.json]
+    python benchmarks/roofline.py [--result benchmarks/results/opd_step_real.json] [--out benchmarks/results/roofline.json]
 
 The bound adds three parts, each the larger of its bytes / bandwidth and its FLOPs / FLOP rate:
 rollout (every decode step reads all of the student's weights once: ``new_tokens x weight bytes``;
@@ -55,11 +55,12 @@ def flop_rate(dtype: torch.dtype, n: int = 2048) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--result", type=Path, default=ROOT / "benchmarks" / "results" / "opd_step_real.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "roofline.json")
     args = ap.parse_args()
     res = json.loads(args.result.read_text())
     real = res["real"]
     torch.set_num_threads(int(res["device"].split(",")[1].split()[0]) if "threads" in res["device"] else torch.get_num_threads())
-    tok, student, teacher, rows = real_pair(real["teacher"], real["data"], int(real["n_layers"]))
+    tok, student, teacher, rows = real_pair(real["teacher"], real["data"], int(real["n_layers"]), real.get("student"))
     p_s, p_t = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in teacher.parameters())
     pool = PromptPool(rows, tok)
     prompt = sum(len(e.student_prompt) for e in pool.examples) / len(pool.examples)
@@ -83,7 +84,7 @@ def main() -> None:
                               "update_s": update, "fraction": bound / s["s_per_step"]}
         print(f"{side:22s} | {s['s_per_step']:15.2f} | {bound:.3f} ({rollout:.3f} + {score:.3f} + {update:.3f}) | "
               f"{bound / s['s_per_step']:.1%}")
-    (ROOT / "benchmarks" / "results" / "roofline.json").write_text(json.dumps(out, indent=2) + "\n")
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

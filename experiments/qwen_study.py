@@ -14,7 +14,7 @@ Every run starts from the same initial student (the 0.5B as shipped) with the re
 - ``COPSD Cross-SFT``: the 1.5B recalibrated by the cross_sft stage (LoRA adapters, merged), reading
   the constitution, as COPSD's teacher; the Cross-SFT teacher itself is also evaluated with the
   constitution (``COPSD Cross-SFT teacher (x_c)``), so the student's over-refusal sits next to its teacher's;
-  ``COPSD original teacher``: its control, the same 1.5B reading the constitution without Cross-SFT;
+  ``COPSD original``: its control, the same 1.5B reading the constitution without Cross-SFT;
 - ``OPD`` / ``FiRe`` (reweight only, the default) / ``GKD``: the 1.5B teaching the 0.5B on the word
   problems alone (``distill.tasks: [reasoning]``), rollouts long enough for a worked solution.
 
@@ -69,7 +69,7 @@ RUNS: dict[str, dict[str, Any]] = {
     # the 1.5B recalibrated by Cross-SFT (LoRA: a full fine-tune of the 1.5B holds ~28 GB), reading the
     # constitution; LoRA's usual 10x the full fine-tune's lr
     # the control for Cross-SFT: the same 1.5B reading the constitution, not recalibrated
-    "COPSD original teacher": {"distill.method": "copsd", "copsd.teacher": "original"},
+    "COPSD original": {"distill.method": "copsd", "copsd.teacher": "original"},
     "COPSD Cross-SFT": {"distill.method": "copsd", "copsd.teacher": "cross_sft", "cross_sft.lr": 1.0e-4,
                         "cross_sft.lora": {"r": 16, "alpha": 32.0, "target_modules": "all-linear"}},
 }

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from benchmarks.opd_step import real_pair  # noqa: E402
 from opd.batch import PromptPool  # noqa: E402
+from opd.models import count_parameters  # noqa: E402
 
 
 def best(fn, n: int = 5) -> float:
@@ -61,7 +62,7 @@ def main() -> None:
     real = res["real"]
     torch.set_num_threads(int(res["device"].split(",")[1].split()[0]) if "threads" in res["device"] else torch.get_num_threads())
     tok, student, teacher, rows = real_pair(real["teacher"], real["data"], int(real["n_layers"]), real.get("student"))
-    p_s, p_t = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in teacher.parameters())
+    p_s, p_t = count_parameters(student), count_parameters(teacher)
     pool = PromptPool(rows, tok)
     prompt = sum(len(e.student_prompt) for e in pool.examples) / len(pool.examples)
     batch, new = res["batch"], res["new_tokens"]

@@ -53,7 +53,7 @@ from opd.constitution import wrap  # noqa: E402
 from opd.data import write_json  # noqa: E402
 from opd.evaluate import evaluate_model, load_detector  # noqa: E402
 from opd.models import dtype_of, load_model, load_tokenizer  # noqa: E402
-from opd.cross_sft import cross_sft_stage  # noqa: E402
+from opd.cross_sft import cross_sft_stage, skip_reason  # noqa: E402
 from opd.methods.copsd import Copsd  # noqa: E402
 from opd.stages import distill_stage, evaluate_stage  # noqa: E402
 from opd.constitution import constitutions_of
@@ -66,10 +66,10 @@ RUNS: dict[str, dict[str, Any]] = {
     "FiRe (reasoning)": {"distill.method": "fire", **REASONING},
     "constitution OPSD self": {"distill.method": "copsd", "copsd.teacher": "self", "copsd.fkl_coef": 0.0},
     "GKD (reasoning)": {"distill.method": "gkd", **REASONING},
-    # the 1.5B recalibrated by Cross-SFT (LoRA: a full fine-tune of the 1.5B holds ~28 GB), reading the
-    # constitution; LoRA's usual 10x the full fine-tune's lr
     # the control for Cross-SFT: the same 1.5B reading the constitution, not recalibrated
     "COPSD original": {"distill.method": "copsd", "copsd.teacher": "original"},
+    # the 1.5B recalibrated by Cross-SFT (LoRA: a full fine-tune of the 1.5B holds ~28 GB), reading the
+    # constitution; LoRA's usual 10x the full fine-tune's lr
     "COPSD Cross-SFT": {"distill.method": "copsd", "copsd.teacher": "cross_sft", "cross_sft.lr": 1.0e-4,
                         "cross_sft.lora": {"r": 16, "alpha": 32.0, "target_modules": "all-linear"}},
 }
@@ -155,7 +155,7 @@ def main() -> None:
         # that keeps freed memory (runtime.allocator) would not give it back between runs
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             metrics, gens, secs, curve, extra = pool.submit(run_one, name, str(root), common, str(work)).result()
-        if "teacher" in extra:  # the Cross-SFT teacher, with the constitution (as the distill stage reads it)
+        if "teacher" in extra:  # the run's COPSD teacher, with the constitution (as the distill stage reads it)
             t_metrics, t_gens, t_secs = extra.pop("teacher")
             save(f"{name} teacher (x_c)", t_metrics, t_gens, seconds=t_secs)
         save(name, metrics, gens, seconds=secs, curve=curve, **extra)
@@ -173,11 +173,13 @@ def run_one(name: str, root: str, common: dict[str, Any], work: str) -> tuple[
     tag = name.replace(" ", "_").replace("(", "").replace(")", "")
     out, ckpt, cross = wdir / f"student-{tag}", wdir / f"ckpt-{tag}", wdir / f"cross-{tag}"
     extra: dict[str, Any] = {}
-    if p.distill.method == "copsd" and p.copsd.teacher == "cross_sft":
-        t0 = time.perf_counter()
-        if not (cross / "teacher").is_dir():
+    if skip_reason(p) is None:  # this run reads the Cross-SFT teacher
+        extra["cross_sft"] = {}
+        if not (cross / "teacher").is_dir():  # a rerun reuses it, and then has no time of its own to report
+            t0 = time.perf_counter()
             cross_sft_stage(p, prepared, wdir / "base", cross, wdir / f"ckpt-cross-{tag}")
-        extra["cross_sft"] = {**json.loads((cross / "mix.json").read_text()), "seconds": time.perf_counter() - t0}
+            extra["cross_sft"]["seconds"] = time.perf_counter() - t0
+        extra["cross_sft"].update(json.loads((cross / "mix.json").read_text()))
     if p.distill.method == "copsd" and p.copsd.teacher != "self":  # (self: the "self teacher (x_c)" row)
         t0 = time.perf_counter()
         t_metrics, t_gens = on_constitution(p, prepared, Copsd().teacher_path(p, wdir / "base", cross))
